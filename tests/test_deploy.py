@@ -657,7 +657,10 @@ def test_prometheus_scrapes_the_running_service(model_repo: Path, tmp_path: Path
     prom = f"http://127.0.0.1:{prometheus_port}"
 
     service_log, prometheus_log = tmp_path / "service.log", tmp_path / "prometheus.log"
-    with _process([sys.executable, "-m", "service"], service_log, env) as service:
+    # The image's command, recmix-serve, where the project is installed; else the same main().
+    script = Path(sys.executable).parent / "recmix-serve"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli"]
+    with _process(command, service_log, env) as service:
         _wait_for(
             "/readyz", lambda: _http(f"{api}/readyz") == 200, service, service_log, timeout=120
         )
