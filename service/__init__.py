@@ -1,0 +1,1 @@
+"""recmix's inference service: serves exported models over HTTP with onnxruntime, without torch."""

@@ -1,0 +1,193 @@
+"""Turn uploaded images into the model's input exactly as training fed it, and images back out.
+
+The steps, in order, each driven by the manifest's ``input`` spec:
+
+1. decode (PNG, JPEG, BMP, GIF, TIFF, WebP, PNM; the first frame of an animation), after checking
+   the size in the header against ``max_pixels`` so that a decompression bomb is never decoded;
+   or take a pixel array (``H x W`` or ``H x W x C``, values in [0, 1]);
+2. convert to the model's channels (ITU-R 601-2 luma for colour to grayscale, as Pillow's ``L``;
+   gray repeated for RGB); alpha is dropped; intensities become floats in [0, 1];
+3. resize to ``height x width`` with the manifest's filter (Pillow, on float pixels), or refuse
+   when the ``resize`` setting says so;
+4. binarize: a pixel is 1 where its intensity is above ``threshold`` and 0 elsewhere (training
+   fed binarized MNIST); then map [0, 1] linearly onto ``value_range``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import (
+    InvalidInput,
+    ServiceError,
+    TooManyPixels,
+    UndecodableImage,
+    UnsupportedMediaType,
+)
+from service.manifest import InputSpec
+
+ImageInput = bytes | np.ndarray  # encoded image file, or a pixel array (H, W) / (H, W, C)
+
+_WANTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int
+    resize: Literal["allow", "refuse"] = "allow"
+
+
+@cache
+def supported_formats() -> tuple[str, ...]:
+    """The image formats this Pillow build can open, of those the service accepts."""
+    Image.init()
+    return tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
+
+
+def preprocess(inputs: Sequence[ImageInput], spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    """A batch of images to the model's input, float32 ``(B, C, H, W)``."""
+    batch = np.empty((len(inputs), spec.channels, spec.height, spec.width), dtype=np.float32)
+    for i, item in enumerate(inputs):
+        try:
+            if isinstance(item, bytes | bytearray):
+                pixels = _intensities_of_image(decode_image(bytes(item), limits), spec.channels)
+            else:
+                pixels = _intensities_of_array(item, spec.channels, limits)
+            batch[i] = _fit(pixels, spec, limits)
+        except ServiceError as exc:
+            if len(inputs) > 1:
+                exc.message = f"image {i}: {exc.message}"
+                exc.details["image"] = i
+            raise
+    return batch
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Open an image, refuse it unread if it has too many pixels, then decode its first frame."""
+    if not data:
+        raise UnsupportedMediaType("empty image file")
+    try:
+        image = Image.open(io.BytesIO(data), formats=supported_formats())
+    except UnidentifiedImageError as exc:
+        raise UnsupportedMediaType(
+            "not an image in a supported format "
+            f"({', '.join(f.lower() for f in supported_formats())})"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(f"image too large to decode safely: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UndecodableImage(f"cannot decode the image: {exc}") from exc
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise TooManyPixels(
+            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{limits.max_pixels}; send a smaller image",
+            width=width,
+            height=height,
+            max_pixels=limits.max_pixels,
+        )
+    if width == 0 or height == 0:
+        raise InvalidInput(f"image is {width}x{height}: empty")
+    try:
+        image.seek(0)
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UndecodableImage(
+            f"cannot decode the {image.format} image (truncated or corrupt): {exc}"
+        ) from exc
+    return image
+
+
+def _intensities_of_image(image: Image.Image, channels: int) -> np.ndarray:
+    """A decoded image as float32 ``(C, h, w)`` intensities in [0, 1]."""
+    mode = image.mode
+    if mode == "F":
+        return _intensities_of_array(np.asarray(image, dtype=np.float64), channels, None)
+    if mode.startswith("I"):  # 16- or 32-bit integer grayscale
+        gray = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+        return np.repeat(gray[None], channels, axis=0)
+    if channels == 1:
+        return (np.asarray(image.convert("L"), dtype=np.float32) / 255.0)[None]
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def _intensities_of_array(
+    array: np.ndarray, channels: int, limits: ImageLimits | None
+) -> np.ndarray:
+    """A pixel array ``(h, w)`` or ``(h, w, c)``, c in {1, 3}, as float32 ``(C, h, w)``."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3):
+        raise InvalidInput(
+            f"pixel array has shape {list(array.shape)}; expected [height, width] or "
+            "[height, width, channels] with 1 or 3 channels"
+        )
+    h, w, c = array.shape
+    if h == 0 or w == 0:
+        raise InvalidInput(f"pixel array has shape {list(array.shape)}: empty")
+    if limits is not None and h * w > limits.max_pixels:
+        raise TooManyPixels(
+            f"pixel array is {w}x{h} = {w * h} pixels, more than the limit of {limits.max_pixels}"
+        )
+    if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
+        raise InvalidInput("pixel values must be finite intensities in [0, 1]")
+    pixels = array.astype(np.float32).transpose(2, 0, 1)  # (c, h, w)
+    if c == channels:
+        return np.ascontiguousarray(pixels)
+    if channels == 1:  # colour to gray, the weights of Pillow's "L"
+        return np.tensordot(_LUMA, pixels, axes=1)[None]
+    return np.repeat(pixels, channels, axis=0)
+
+
+def _fit(pixels: np.ndarray, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    """Resize ``(C, h, w)`` intensities to the model's size, binarize, map onto value_range."""
+    _, h, w = pixels.shape
+    if (h, w) != (spec.height, spec.width):
+        if limits.resize == "refuse":
+            raise InvalidInput(
+                f"image is {w}x{h} but the model takes {spec.width}x{spec.height}, and this "
+                "server does not resize; send an image of the model's size",
+                width=w,
+                height=h,
+            )
+        resample = _RESAMPLE[spec.resize]
+        pixels = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(channel).resize((spec.width, spec.height), resample),
+                    dtype=np.float32,
+                )
+                for channel in pixels
+            ]
+        )
+        np.clip(pixels, 0.0, 1.0, out=pixels)  # bicubic overshoots
+    if spec.binarize == "threshold":
+        pixels = (pixels > spec.threshold).astype(np.float32)
+    low, high = spec.value_range
+    if (low, high) != (0.0, 1.0):
+        pixels = low + (high - low) * pixels
+    return pixels
+
+
+def to_png(probabilities: np.ndarray) -> bytes:
+    """Pixel probabilities ``(C, H, W)`` in [0, 1] as an 8-bit PNG (gray or RGB)."""
+    pixels = np.clip(np.rint(probabilities * 255.0), 0, 255).astype(np.uint8)
+    # uint8 (H, W) is mode "L", (H, W, 3) is "RGB"
+    image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

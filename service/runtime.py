@@ -1,0 +1,586 @@
+"""The inference runtime: onnxruntime sessions for every served model, and the mixture's math.
+
+Nothing here knows of HTTP. A :class:`ModelRunner` holds one model's sessions (one per encoder
+component, the decoder, and the fused encoder when exported) and computes, in numpy, what the
+service answers (RecMix, Kim & Pavlovic, NeurIPS 2020; see the project's notes on the math):
+
+- the posterior ``Q(z|x) = sum_m w_m(x) N(z; mu_m(x), diag sigma_m^2(x))``;
+- samples ``z ~ Q(z|x)`` with the component each came from;
+- reconstructions from the mixture mean ``sum_m w_m mu_m`` or from a sample;
+- ``log p(x)`` by importance sampling with the mixture as proposal, stratified: ``n_m`` samples
+  from component m, ``log p(x) ~= logsumexp_{m,s}[log w_m - log n_m + log p(x, z_ms) -
+  log Q(z_ms|x)]``, and the mixture ELBO ``sum_m w_m mean_s[log p(x, z_ms) - log Q(z_ms|x)]``
+  from the same samples.
+
+:class:`Runtime` loads every model of the repository and runs requests on the one asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import InvalidParameter, ModelNotFound, NotReady
+from service.manifest import log_weights
+from service.preprocess import ImageInput, ImageLimits, preprocess
+from service.repository import ModelFolder, ModelRepositoryError, discover, load_model_dir
+from service.settings import EncodeMode, Settings
+
+log = logging.getLogger("recmix.service")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_LOG_2PI = math.log(2.0 * math.pi)
+
+State = Literal["starting", "ready", "draining", "stopped"]
+
+
+class StartupError(Exception):
+    """The runtime cannot start: no model, a bad model folder, a missing execution provider."""
+
+
+class Observer(Protocol):
+    """Receives timings and batch sizes (the service's metrics)."""
+
+    def observe_stage(self, model: str, stage: str, seconds: float) -> None: ...
+
+    def observe_batch(self, model: str, operation: str, size: int) -> None: ...
+
+
+class _NullObserver:
+    def observe_stage(self, model: str, stage: str, seconds: float) -> None:
+        pass
+
+    def observe_batch(self, model: str, operation: str, size: int) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- densities, in log space
+
+
+def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    peak = np.max(a, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    return np.squeeze(peak, axis) + np.log(np.sum(np.exp(a - peak), axis=axis))
+
+
+def log_normal_diag(z: np.ndarray, mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """log N(z; mean, diag exp(logvar)), summed over the last axis."""
+    return -0.5 * np.sum(_LOG_2PI + logvar + (z - mean) ** 2 * np.exp(-logvar), axis=-1)
+
+
+def log_standard_normal(z: np.ndarray) -> np.ndarray:
+    """log N(z; 0, I), summed over the last axis."""
+    return -0.5 * np.sum(_LOG_2PI + z**2, axis=-1)
+
+
+def bernoulli_log_prob(x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """log Bernoulli(x; sigmoid(logits)) summed over the last axis: x*l - softplus(l), stable."""
+    return np.sum(x * logits - np.logaddexp(0.0, logits), axis=-1)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))
+
+
+def stratified_counts(num_samples: int, num_components: int) -> np.ndarray:
+    """Samples per component: S split as evenly as possible, every component at least one."""
+    base, extra = divmod(num_samples, num_components)
+    return np.array([base + (m < extra) for m in range(num_components)], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """The mixture posterior of a batch: means and log-variances (B, M, D), log-weights (B, M)."""
+
+    means: np.ndarray
+    logvars: np.ndarray
+    log_weights: np.ndarray
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.exp(self.log_weights)
+
+    @property
+    def variances(self) -> np.ndarray:
+        return np.exp(self.logvars.astype(np.float64))
+
+    def mixture_mean(self) -> np.ndarray:
+        """sum_m w_m mu_m, (B, D)."""
+        return np.einsum("bm,bmd->bd", self.weights, self.means.astype(np.float64))
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """n draws per input: z (B, n, D) and the 0-based component of each (B, n)."""
+        batch, num_components, _ = self.means.shape
+        cdf = np.cumsum(self.weights, axis=1)  # (B, M)
+        u = rng.random((batch, n)) * cdf[:, -1:]  # scaled so rounding never leaves the last bin
+        components = np.minimum((u[:, :, None] >= cdf[:, None, :]).sum(-1), num_components - 1)
+        return self.draw(components, rng), components
+
+    def draw(self, components: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """z_bs ~ q_{components[b, s]}(z | x_b), reparameterized, (B, S, D) float64."""
+        rows = np.arange(components.shape[0])[:, None]
+        mean = self.means[rows, components].astype(np.float64)  # (B, S, D)
+        std = np.exp(0.5 * self.logvars[rows, components].astype(np.float64))
+        return mean + std * rng.standard_normal(mean.shape)
+
+    def log_density(self, z: np.ndarray) -> np.ndarray:
+        """log Q(z|x) = logsumexp_m[log w_m + log q_m(z|x)] for z (B, S, D), giving (B, S)."""
+        means = self.means.astype(np.float64)
+        logvars = self.logvars.astype(np.float64)
+        per_component = np.stack(
+            [
+                log_normal_diag(z, means[:, m, None, :], logvars[:, m, None, :])
+                for m in range(means.shape[1])
+            ],
+            axis=-1,
+        )  # (B, S, M)
+        return logsumexp(self.log_weights[:, None, :] + per_component, axis=-1)
+
+    def __getitem__(self, index: slice) -> Posterior:
+        return Posterior(self.means[index], self.logvars[index], self.log_weights[index])
+
+
+# ---------------------------------------------------------------- execution providers
+
+
+@dataclass(frozen=True)
+class SessionFactory:
+    """Builds onnxruntime sessions on the chosen execution provider."""
+
+    providers: list[Any]
+    intra_op_threads: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.providers[0] == CUDA or (
+            isinstance(self.providers[0], tuple) and self.providers[0][0] == CUDA
+        )
+
+    @classmethod
+    def choose(cls, requested: str, intra_op_threads: int) -> SessionFactory:
+        available = ort.get_available_providers()
+        if requested == "cuda" and CUDA not in available:
+            raise StartupError(
+                f"provider 'cuda' asked for, but this onnxruntime offers only {available}; "
+                "install onnxruntime-gpu or use provider 'auto' or 'cpu'"
+            )
+        if requested in ("auto", "cuda") and CUDA in available:
+            options = {
+                "device_id": 0,
+                # grow the memory arena by what is asked, not in powers of two
+                "arena_extend_strategy": "kSameAsRequested",
+                "cudnn_conv_algo_search": "HEURISTIC",
+                "do_copy_in_default_stream": True,
+            }
+            return cls([(CUDA, options), CPU], 1)
+        return cls([CPU], intra_op_threads)
+
+    def session(self, path: Path) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = 1 if self.on_gpu else self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=self.providers)
+
+
+# ---------------------------------------------------------------- one model
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    probabilities: np.ndarray  # (B, C, H, W) Bernoulli means
+
+
+@dataclass(frozen=True)
+class Samples:
+    z: np.ndarray  # (B, n, D)
+    components: np.ndarray  # (B, n), 1-based
+    probabilities: np.ndarray | None  # (B, n, C, H, W) when decoded
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    log_likelihood: np.ndarray  # (B,)
+    elbo: np.ndarray  # (B,)
+    num_samples: int
+
+
+class ModelRunner:
+    """One model's sessions and its inference, on preprocessed float32 (B, C, H, W) inputs."""
+
+    def __init__(
+        self,
+        folder: ModelFolder,
+        factory: SessionFactory,
+        encode_mode: EncodeMode,
+        executor: ThreadPoolExecutor | None,
+        observer: Observer,
+        decode_batch_size: int = 2048,
+    ) -> None:
+        manifest = folder.manifest
+        self.folder = folder
+        self.manifest = manifest
+        self.name = manifest.name
+        self.observer = observer
+        self.decode_batch_size = decode_batch_size
+        self.components = [factory.session(folder.path_of(f)) for f in manifest.components()]
+        self.decoder = factory.session(folder.path_of(manifest.decoder()))
+        fused_entry = manifest.fused()
+        self.fused = factory.session(folder.path_of(fused_entry)) if fused_entry else None
+        self.provider = self.decoder.get_providers()[0]
+        self.amortized = manifest.weights.epsilon == "amortized"
+        self._component_outputs = ["mean", "logvar"] + (["eps_logit"] if self.amortized else [])
+        self._fixed_log_weights = (
+            None if self.amortized else log_weights(manifest.weights, manifest.mixture_order)
+        )
+        # a lone component is the same work in every mode
+        if manifest.mixture_order == 1:
+            encode_mode = "sequential"
+        elif encode_mode == "fused" and self.fused is None:
+            encode_mode = "concurrent"
+            log.warning(
+                "%s: exported without a fused graph; running components concurrently", self.name
+            )
+        if encode_mode == "concurrent" and executor is None:
+            raise ValueError("concurrent encoding needs an executor")
+        self.encode_mode: EncodeMode = encode_mode
+        self.executor = executor
+
+    @property
+    def mixture_order(self) -> int:
+        return self.manifest.mixture_order
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.observer.observe_stage(self.name, stage, time.perf_counter() - start)
+
+    # ------------------------------------------------------------ encode
+
+    def encode(self, x: np.ndarray) -> Posterior:
+        """The mixture posterior of a preprocessed batch."""
+        with self._timed("encode"):
+            if self.encode_mode == "fused":
+                assert self.fused is not None
+                with self._timed("fused_encode"):
+                    means, logvars, log_w = self.fused.run(
+                        ["means", "logvars", "log_weights"], {"x": x}
+                    )
+                log_w = log_w.astype(np.float64)
+                # float32 weights from the graph: renormalize so they sum to 1 in float64
+                return Posterior(means, logvars, log_w - logsumexp(log_w, axis=1)[:, None])
+            if self.encode_mode == "concurrent":
+                assert self.executor is not None
+                futures = [
+                    self.executor.submit(self._run_component, m, x)
+                    for m in range(len(self.components))
+                ]
+                outputs = [f.result() for f in futures]
+            else:
+                outputs = [self._run_component(m, x) for m in range(len(self.components))]
+            means = np.stack([o[0] for o in outputs], axis=1)  # (B, M, D)
+            logvars = np.stack([o[1] for o in outputs], axis=1)
+            if self.amortized:
+                eps_logits = np.stack([o[2] for o in outputs], axis=1)  # (B, M)
+                log_w = log_weights(self.manifest.weights, self.mixture_order, eps_logits)
+            else:
+                assert self._fixed_log_weights is not None
+                log_w = np.broadcast_to(self._fixed_log_weights, (x.shape[0], self.mixture_order))
+            return Posterior(means, logvars, log_w)
+
+    def _run_component(self, index: int, x: np.ndarray) -> list[np.ndarray]:
+        with self._timed(f"component_{index + 1}"):
+            return self.components[index].run(self._component_outputs, {"x": x})
+
+    # ------------------------------------------------------------ decode
+
+    def decode_logits(self, z: np.ndarray) -> np.ndarray:
+        """Bernoulli logits (N, C, H, W) of latent codes z (N, D), in decoder-sized chunks."""
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        chunks = []
+        for start in range(0, z.shape[0], self.decode_batch_size):
+            with self._timed("decode"):
+                chunks.append(
+                    self.decoder.run(["logits"], {"z": z[start : start + self.decode_batch_size]})[
+                        0
+                    ]
+                )
+        return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+    def reconstruct(
+        self, posterior: Posterior, mode: Literal["mean", "sample"], rng: np.random.Generator
+    ) -> Reconstruction:
+        """Pixel probabilities decoded from the mixture mean, or from one sample of Q(z|x)."""
+        z = posterior.mixture_mean() if mode == "mean" else posterior.sample(1, rng)[0][:, 0]
+        return Reconstruction(sigmoid(self.decode_logits(z).astype(np.float64)))
+
+    def sample(
+        self, posterior: Posterior, n: int, decode: bool, rng: np.random.Generator
+    ) -> Samples:
+        z, components = posterior.sample(n, rng)
+        probabilities = None
+        if decode:
+            batch, _, dim = z.shape
+            logits = self.decode_logits(z.reshape(batch * n, dim)).astype(np.float64)
+            probabilities = sigmoid(logits).reshape(batch, n, *logits.shape[1:])
+        return Samples(z, components + 1, probabilities)
+
+    # ------------------------------------------------------------ log-likelihood
+
+    def log_likelihood(
+        self, x: np.ndarray, posterior: Posterior, num_samples: int, rng: np.random.Generator
+    ) -> LogLikelihood:
+        """Stratified importance-sampled log p(x) and the mixture ELBO, per input."""
+        num_components = self.mixture_order
+        if num_samples < num_components:
+            raise InvalidParameter(
+                f"num_samples must be at least the mixture order {num_components} "
+                "(one sample per component)"
+            )
+        counts = stratified_counts(num_samples, num_components)
+        components = np.repeat(np.arange(num_components), counts)  # (S,), sorted
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        low, high = self.manifest.input.value_range
+        targets = ((x.astype(np.float64) - low) / (high - low)).reshape(x.shape[0], -1)
+        batch = x.shape[0]
+        log_px = np.empty(batch)
+        elbo = np.empty(batch)
+        # enough inputs per pass to fill about one decoder chunk
+        group = max(1, self.decode_batch_size // num_samples)
+        with self._timed("loglik"):
+            for first in range(0, batch, group):
+                part = slice(first, min(first + group, batch))
+                post = posterior[part]
+                size = part.stop - first
+                z = post.draw(np.broadcast_to(components, (size, num_samples)), rng)  # (G, S, D)
+                logits = self.decode_logits(z.reshape(size * num_samples, -1))
+                logits = logits.reshape(size, num_samples, -1).astype(np.float64)  # (G, S, P)
+                log_lik = bernoulli_log_prob(targets[part, None, :], logits)  # (G, S)
+                log_ratio = log_lik + log_standard_normal(z) - post.log_density(z)  # (G, S)
+                log_w = post.log_weights[:, components] - np.log(counts[components])  # (G, S)
+                log_px[part] = logsumexp(log_w + log_ratio, axis=1)
+                component_means = np.add.reduceat(log_ratio, starts, axis=1) / counts  # (G, M)
+                elbo[part] = np.sum(post.weights * component_means, axis=1)
+        return LogLikelihood(log_px, elbo, num_samples)
+
+    def warm_up(self) -> float:
+        """Run every session on every batch-size path once; the seconds it took."""
+        start = time.perf_counter()
+        spec = self.manifest.input
+        for batch in (1, 2):
+            x = np.zeros((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
+            posterior = self.encode(x)
+            self.log_likelihood(x, posterior, max(2 * self.mixture_order, 8), _rng(0))
+            self.reconstruct(posterior, "mean", _rng(0))
+        if self.fused is not None and self.encode_mode != "fused":
+            self.fused.run(None, {"x": x})
+        return time.perf_counter() - start
+
+    def info(self) -> dict[str, Any]:
+        """What the service says about the model: its manifest, provider and encode mode."""
+        manifest = self.manifest.model_dump(mode="json")
+        return {
+            "name": self.name,
+            "version": self.manifest.version,
+            "method": self.manifest.method,
+            "mixture_order": self.mixture_order,
+            "latent_dim": self.manifest.latent_dim,
+            "provider": self.provider,
+            "encode_mode": self.encode_mode,
+            "manifest": manifest,
+        }
+
+
+def _rng(seed: int | None) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- every model
+
+
+class Runtime:
+    """Every served model, the requests run on them, and whether the service is ready."""
+
+    def __init__(self, settings: Settings, observer: Observer | None = None) -> None:
+        self.settings = settings
+        self.observer: Observer = observer or _NullObserver()
+        self.models: dict[str, ModelRunner] = {}
+        self.default_model: str | None = None
+        self.state: State = "starting"
+        self.limits = ImageLimits(settings.max_pixels, settings.resize)
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ life cycle
+
+    def load(self) -> None:
+        """Check, load and warm up every model of the repository; then the runtime is ready."""
+        settings = self.settings
+        factory = SessionFactory.choose(settings.provider, settings.intra_op_threads)
+        folders = discover(settings.model_dir)
+        if not folders:
+            raise StartupError(
+                f"no model folders (sub-folders with a manifest.json) in {settings.model_dir}"
+            )
+        checked: list[ModelFolder] = []
+        for path in folders:
+            try:
+                checked.append(load_model_dir(path))
+            except ModelRepositoryError as exc:
+                if not settings.skip_bad_models:
+                    raise StartupError(f"refusing to start: {exc}") from exc
+                log.error("skipping a bad model: %s", exc)
+        if not checked:
+            raise StartupError(f"no usable model in {settings.model_dir}")
+        names = [folder.manifest.name for folder in checked]
+        if len(set(names)) != len(names):
+            raise StartupError(f"two model folders share a name: {sorted(names)}")
+        largest = max(folder.manifest.mixture_order for folder in checked)
+        if largest > 1 and settings.encode_mode in ("concurrent", "fused"):
+            self._executor = ThreadPoolExecutor(largest, thread_name_prefix="recmix-component")
+        for folder in checked:
+            try:
+                runner = ModelRunner(
+                    folder,
+                    factory,
+                    settings.encode_mode,
+                    self._executor,
+                    self.observer,
+                    settings.decode_batch_size,
+                )
+                seconds = runner.warm_up()
+            except Exception as exc:  # onnxruntime raises its own classes for a bad graph
+                message = f"model folder {folder.root}: onnxruntime cannot run it: {exc}"
+                if not settings.skip_bad_models:
+                    raise StartupError(f"refusing to start: {message}") from exc
+                log.error("skipping a bad model: %s", message)
+                continue
+            if settings.provider == "cuda" and runner.provider != CUDA:
+                raise StartupError(
+                    f"{runner.name}: CUDA asked for, but the session runs on {runner.provider}"
+                )
+            self.models[runner.name] = runner
+            log.info(
+                "loaded %s %s (%s, M=%d) on %s, encode mode %s, warmed up in %.3f s",
+                runner.name,
+                runner.manifest.version,
+                runner.manifest.method,
+                runner.mixture_order,
+                runner.provider,
+                runner.encode_mode,
+                seconds,
+            )
+        if not self.models:
+            raise StartupError(f"no usable model in {settings.model_dir}")
+        if settings.default_model in self.models:
+            self.default_model = settings.default_model
+        elif len(self.models) == 1:
+            self.default_model = next(iter(self.models))
+        else:
+            log.warning(
+                "default model %r is not loaded; requests must name one of %s",
+                settings.default_model,
+                sorted(self.models),
+            )
+        self.state = "ready"
+
+    def begin_draining(self) -> None:
+        with self._lock:
+            if self.state in ("starting", "ready"):
+                self.state = "draining"
+                log.info("draining: /readyz now answers 503; in-flight requests finish")
+
+    def close(self) -> None:
+        self.begin_draining()
+        self.state = "stopped"
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.models.clear()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def model(self, name: str | None) -> ModelRunner:
+        """The model a request asks for (or the default one)."""
+        if self.state in ("starting", "stopped"):
+            raise NotReady("the service is not ready: models are still loading")
+        if name is None:
+            if self.default_model is None:
+                raise ModelNotFound(
+                    f"no default model; name one with ?model= (loaded: {sorted(self.models)})"
+                )
+            name = self.default_model
+        runner = self.models.get(name)
+        if runner is None:
+            raise ModelNotFound(
+                f"no model named {name!r}; loaded: {', '.join(sorted(self.models))}"
+            )
+        return runner
+
+    # ------------------------------------------------------------ requests
+
+    def _prepare(self, runner: ModelRunner, operation: str, images: Sequence[ImageInput]):
+        self.observer.observe_batch(runner.name, operation, len(images))
+        start = time.perf_counter()
+        x = preprocess(images, runner.manifest.input, self.limits)
+        self.observer.observe_stage(runner.name, "preprocess", time.perf_counter() - start)
+        return x
+
+    def encode(self, runner: ModelRunner, images: Sequence[ImageInput]) -> Posterior:
+        return runner.encode(self._prepare(runner, "encode", images))
+
+    def reconstruct(
+        self,
+        runner: ModelRunner,
+        images: Sequence[ImageInput],
+        mode: Literal["mean", "sample"],
+        seed: int | None = None,
+    ) -> Reconstruction:
+        x = self._prepare(runner, "reconstruct", images)
+        return runner.reconstruct(runner.encode(x), mode, _rng(seed))
+
+    def sample(
+        self,
+        runner: ModelRunner,
+        images: Sequence[ImageInput],
+        n: int,
+        decode: bool,
+        seed: int | None = None,
+    ) -> Samples:
+        if n > self.settings.max_samples_per_image:
+            raise InvalidParameter(
+                f"n={n} exceeds the limit of {self.settings.max_samples_per_image} per image"
+            )
+        x = self._prepare(runner, "sample", images)
+        return runner.sample(runner.encode(x), n, decode, _rng(seed))
+
+    def log_likelihood(
+        self,
+        runner: ModelRunner,
+        images: Sequence[ImageInput],
+        num_samples: int | None,
+        seed: int | None = None,
+    ) -> LogLikelihood:
+        num_samples = num_samples or self.settings.default_loglik_samples
+        if num_samples > self.settings.max_loglik_samples:
+            raise InvalidParameter(
+                f"num_samples={num_samples} exceeds the limit of {self.settings.max_loglik_samples}"
+            )
+        x = self._prepare(runner, "loglik", images)
+        return runner.log_likelihood(x, runner.encode(x), num_samples, _rng(seed))

@@ -1,0 +1,109 @@
+"""Every setting of the service, in one commented place.
+
+Each field is read from a ``RECMIX_<FIELD>`` environment variable (``RECMIX_MODEL_DIR``) and is a
+flag of ``recmix-serve`` (``--model-dir``); a flag wins over the environment, which wins over the
+default here. Settings are built by :func:`service.app.create_app` or the command line, never at
+import time.
+
+``encode_mode`` defaults to ``fused``: measured with onnxruntime 1.32 on a 2-core CPU at batch 1
+with four 784-500-500-50 components, one intra-op thread per session, p50 (p99):
+fused graph 184 us (249 us), components one after another 205 us (279 us), concurrently from
+threads 239 us (390 us); a single component takes 46 us. With this little work per component the
+thread hand-offs cost more than they save; ``concurrent`` pays off on a GPU or with wide layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EncodeMode = Literal["fused", "concurrent", "sequential"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RECMIX_", extra="ignore", protected_namespaces=(), validate_default=True
+    )
+
+    # models
+    model_dir: Path = Field(
+        default=Path("models"), description="model repository: one folder per model"
+    )
+    default_model: str = Field(
+        default="mnist-recmix",
+        description="model used when a request names none (if absent: the only model, else error)",
+    )
+    skip_bad_models: bool = Field(
+        default=False,
+        description="log and skip a model folder that fails its checks, instead of refusing "
+        "to start",
+    )
+    # server
+    host: str = Field(default="127.0.0.1", description="address to bind (0.0.0.0 in the container)")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    workers: int = Field(default=1, ge=1, description="server processes, each loading every model")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="log level"
+    )
+    drain_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="on SIGTERM, keep serving this long with /readyz at 503 before closing",
+    )
+    graceful_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="after draining, how long in-flight requests may take to finish",
+    )
+    # inference
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="onnxruntime execution provider: auto picks CUDA when available"
+    )
+    encode_mode: EncodeMode = Field(
+        default="fused",
+        description="how the M components run: fused graph, concurrent threads or sequential "
+        "(fused falls back to concurrent for a model exported without a fused graph)",
+    )
+    intra_op_threads: int = Field(
+        default=1,
+        ge=0,
+        description="onnxruntime intra-op threads per CPU session (0: one per core); on GPU "
+        "always 1",
+    )
+    decode_batch_size: int = Field(
+        default=2048, ge=1, description="latent samples per decoder call in /loglik and /sample"
+    )
+    # request limits
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1, description="largest request body (bytes)"
+    )
+    max_pixels: int = Field(
+        default=2048 * 2048,
+        ge=1,
+        description="largest image (width x height) decoded; larger ones are refused unread",
+    )
+    max_images_per_request: int = Field(default=256, ge=1, description="images in one request")
+    resize: Literal["allow", "refuse"] = Field(
+        default="allow", description="resize images of another size to the model's, or refuse them"
+    )
+    default_loglik_samples: int = Field(
+        default=1000, ge=1, description="importance samples S for /loglik when none is asked"
+    )
+    max_loglik_samples: int = Field(default=5000, ge=1, description="largest S /loglik accepts")
+    max_samples_per_image: int = Field(default=1000, ge=1, description="largest n /sample accepts")
+    # security
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="if set, inference endpoints need it as X-API-Key or Authorization: Bearer",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_loglik_samples > self.max_loglik_samples:
+            raise ValueError("default_loglik_samples exceeds max_loglik_samples")
+        if self.api_key is not None and not self.api_key.get_secret_value():
+            self.api_key = None
+        return self

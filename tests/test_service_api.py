@@ -1,0 +1,516 @@
+"""Every endpoint and every documented error, in process (FastAPI's TestClient)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from service_support import digit, encoded, png, settings_for
+
+from service.app import create_app
+from service.manifest import Manifest
+from service.metrics import METRIC_NAMES
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_repo: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(tiny_model_repo))) as test_client:
+        yield test_client
+
+
+def _client(repo: Path, **overrides: Any) -> TestClient:
+    return TestClient(create_app(settings_for(repo, **overrides)))
+
+
+def _error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"]
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def _files(*images: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+# ---------------------------------------------------------------- health and models
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "models": ["tiny-recmix", "tiny-vae"]}
+
+
+def test_not_ready_before_the_models_load(tiny_model_repo: Path) -> None:
+    app = create_app(settings_for(tiny_model_repo))
+    test_client = TestClient(app)  # no `with`: the lifespan (model loading) never runs
+    assert test_client.get("/healthz").status_code == 200
+    assert test_client.get("/readyz").status_code == 503
+    assert test_client.get("/readyz").json()["status"] == "starting"
+    _error(test_client.post("/encode", files=_files(png())), 503, "not_ready")
+
+
+def test_models(client: TestClient, tiny_model_repo: Path) -> None:
+    body = client.get("/models").json()
+    assert body["default_model"] == "tiny-recmix"
+    by_name = {m["name"]: m for m in body["models"]}
+    assert set(by_name) == {"tiny-recmix", "tiny-vae"}
+    recmix = by_name["tiny-recmix"]
+    assert recmix["mixture_order"] == 3 and recmix["default"] is True
+    assert recmix["provider"] == "CPUExecutionProvider"
+    assert recmix["encode_mode"] == "fused"
+    assert by_name["tiny-vae"]["encode_mode"] == "sequential"
+    detail = client.get("/models/tiny-recmix").json()
+    on_disk = Manifest.load(tiny_model_repo / "tiny-recmix")
+    assert Manifest.model_validate(detail["manifest"]) == on_disk
+    _error(client.get("/models/nope"), 404, "model_not_found")
+
+
+def test_openapi_and_docs(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    for path in ("/encode", "/reconstruct", "/sample", "/loglik", "/models", "/readyz"):
+        assert path in schema["paths"]
+    body = schema["paths"]["/encode"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert client.get("/docs").status_code == 200
+
+
+# ---------------------------------------------------------------- /encode
+
+
+def _check_posterior(result: dict[str, Any], order: int, dim: int) -> None:
+    components = result["components"]
+    assert len(components) == order
+    assert sum(c["weight"] for c in components) == pytest.approx(1.0, abs=1e-9)
+    for c in components:
+        assert 0.0 <= c["weight"] <= 1.0
+        assert len(c["mean"]) == dim and len(c["variance"]) == dim
+        assert all(v > 0 for v in c["variance"])
+
+
+def test_encode_every_body_type_gives_the_same_answer(client: TestClient) -> None:
+    pixels = digit(3)
+    data = encoded(pixels)
+    by_multipart = client.post("/encode", files=_files(data)).json()
+    by_base64 = client.post(
+        "/encode", json={"images": [{"base64": base64.b64encode(data).decode()}]}
+    ).json()
+    by_pixels = client.post("/encode", json={"images": [{"pixels": (pixels / 255).tolist()}]})
+    by_raw = client.post("/encode", content=data, headers={"content-type": "image/png"}).json()
+    assert by_multipart["model"] == "tiny-recmix"
+    assert by_multipart["version"] == "0.0.1"
+    _check_posterior(by_multipart["results"][0], 3, 4)
+    assert by_base64 == by_multipart == by_raw
+    assert by_pixels.status_code == 200
+    assert by_pixels.json() == by_multipart
+
+
+def test_encode_batch_keeps_request_order(client: TestClient) -> None:
+    images = [png(seed) for seed in range(5)]
+    batch = client.post("/encode", files=_files(*images)).json()["results"]
+    assert len(batch) == 5
+    for data, result in zip(images, batch, strict=True):
+        single = client.post("/encode", files=_files(data)).json()["results"][0]
+        for a, b in zip(single["components"], result["components"], strict=True):
+            np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-5, atol=1e-6)
+            assert a["weight"] == pytest.approx(b["weight"], abs=1e-6)
+
+
+def test_encode_vae_has_one_component_of_weight_one(client: TestClient) -> None:
+    result = client.post("/encode?model=tiny-vae", files=_files(png())).json()
+    assert result["model"] == "tiny-vae"
+    [component] = result["results"][0]["components"]
+    assert component["weight"] == 1.0
+
+
+def test_encode_equals_raw_onnxruntime(client: TestClient, tiny_model_repo: Path) -> None:
+    """The service's answer is the exported graphs' output for the same image."""
+    folder = tiny_model_repo / "tiny-recmix"
+    manifest = Manifest.load(folder)
+    pixels = digit(7)
+    # the manifest's preprocessing, written out independently: [0, 1], threshold, NCHW
+    x = (pixels.astype(np.float32) / 255.0 > manifest.input.threshold).astype(np.float32)
+    x = x[None, None]
+    answer = client.post("/encode", files=_files(encoded(pixels))).json()["results"][0]
+    fused = ort.InferenceSession(str(folder / "encoder_fused.onnx"))
+    _, _, log_w = fused.run(["means", "logvars", "log_weights"], {"x": x})
+    for m, component in enumerate(answer["components"], start=1):
+        session = ort.InferenceSession(str(folder / f"encoder_{m}.onnx"))
+        mean, logvar = session.run(["mean", "logvar"], {"x": x})[:2]
+        np.testing.assert_allclose(component["mean"], mean[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(component["variance"], np.exp(logvar[0]), rtol=1e-5, atol=1e-6)
+        assert component["weight"] == pytest.approx(float(np.exp(log_w[0, m - 1])), abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["concurrent", "sequential"])
+def test_encode_modes_agree(client: TestClient, tiny_model_repo: Path, mode: str) -> None:
+    images = _files(png(1), png(2))
+    fused = client.post("/encode", files=images).json()
+    with _client(tiny_model_repo, encode_mode=mode) as other:
+        assert other.get("/models/tiny-recmix").json()["encode_mode"] == mode
+        answer = other.post("/encode", files=images).json()
+    for a, b in zip(fused["results"], answer["results"], strict=True):
+        for ca, cb in zip(a["components"], b["components"], strict=True):
+            np.testing.assert_allclose(ca["mean"], cb["mean"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(ca["variance"], cb["variance"], rtol=1e-5, atol=1e-6)
+            assert ca["weight"] == pytest.approx(cb["weight"], abs=1e-6)
+
+
+def test_encode_accepts_common_formats_and_sizes(client: TestClient) -> None:
+    pixels = digit(4)
+    rgb = np.repeat(pixels[:, :, None], 3, axis=2)
+    images = [
+        encoded(pixels, "JPEG", quality=95),
+        encoded(pixels, "BMP"),
+        encoded(pixels, "GIF"),
+        encoded(pixels, "TIFF"),
+        encoded(rgb, "PNG"),
+        encoded(digit(4, size=56)),  # resized to 28x28
+    ]
+    response = client.post("/encode", files=_files(*images))
+    assert response.status_code == 200, response.text
+    for result in response.json()["results"]:
+        _check_posterior(result, 3, 4)
+
+
+# ---------------------------------------------------------------- /reconstruct
+
+
+def test_reconstruct_png_and_json(client: TestClient) -> None:
+    data = png(5)
+    response = client.post("/reconstruct", files=_files(data))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.size == (28, 28) and image.mode == "L"
+    body = client.post("/reconstruct?format=json", files=_files(data, png(6))).json()
+    assert body["mode"] == "mean" and len(body["results"]) == 2
+    pixels = np.array(body["results"][0]["pixels"])
+    assert pixels.shape == (28, 28)
+    assert pixels.min() >= 0.0 and pixels.max() <= 1.0
+    np.testing.assert_allclose(np.asarray(image) / 255.0, pixels, atol=0.5 / 255 + 1e-9)
+
+
+def test_reconstruct_from_a_sample_is_seeded(client: TestClient) -> None:
+    data = png(5)
+    url = "/reconstruct?format=json&mode=sample&seed=3"
+    first = client.post(url, files=_files(data)).json()
+    assert first == client.post(url, files=_files(data)).json()
+    assert first["mode"] == "sample"
+    other = client.post("/reconstruct?format=json&mode=sample&seed=4", files=_files(data)).json()
+    assert other != first
+
+
+def test_reconstruct_png_takes_one_image(client: TestClient) -> None:
+    _error(client.post("/reconstruct", files=_files(png(), png(1))), 422, "invalid_parameter")
+
+
+# ---------------------------------------------------------------- /sample
+
+
+def test_sample(client: TestClient) -> None:
+    body = client.post("/sample?n=7&seed=1", files=_files(png(), png(1))).json()
+    assert len(body["results"]) == 2
+    for result in body["results"]:
+        samples = result["samples"]
+        assert len(samples) == 7
+        for s in samples:
+            assert 1 <= s["component"] <= 3 and len(s["z"]) == 4
+            assert "image_png" not in s and "pixels" not in s
+    again = client.post("/sample?n=7&seed=1", files=_files(png(), png(1))).json()
+    assert again == body
+
+
+def test_sample_components_follow_the_weights(client: TestClient) -> None:
+    data = png(2)
+    weights = [
+        c["weight"]
+        for c in client.post("/encode", files=_files(data)).json()["results"][0]["components"]
+    ]
+    samples = client.post("/sample?n=1000&seed=0", files=_files(data)).json()["results"][0]
+    counts = np.bincount([s["component"] for s in samples["samples"]], minlength=4)[1:]
+    # binomial standard error at n = 1000 is at most 0.016
+    np.testing.assert_allclose(counts / 1000, weights, atol=0.06)
+
+
+def test_sample_decoded(client: TestClient) -> None:
+    as_png = client.post("/sample?n=2&decode=true", files=_files(png())).json()
+    sample = as_png["results"][0]["samples"][0]
+    image = Image.open(io.BytesIO(base64.b64decode(sample["image_png"])))
+    assert image.size == (28, 28)
+    as_json = client.post("/sample?n=2&decode=true&image_format=json", files=_files(png()))
+    pixels = np.array(as_json.json()["results"][0]["samples"][1]["pixels"])
+    assert pixels.shape == (28, 28) and pixels.min() >= 0 and pixels.max() <= 1
+
+
+def test_sample_bounds(client: TestClient) -> None:
+    _error(client.post("/sample?n=0", files=_files(png())), 422, "invalid_parameter")
+    _error(client.post("/sample?n=1001", files=_files(png())), 422, "invalid_parameter")
+    _error(client.post("/sample?n=two", files=_files(png())), 422, "invalid_parameter")
+
+
+# ---------------------------------------------------------------- /loglik
+
+
+def test_loglik(client: TestClient) -> None:
+    body = client.post("/loglik?seed=0", files=_files(png(), png(1))).json()
+    assert body["model"] == "tiny-recmix"
+    for result in body["results"]:
+        assert result["num_samples"] == 1000
+        assert np.isfinite(result["log_likelihood"]) and np.isfinite(result["elbo"])
+        assert result["log_likelihood"] < 0
+        # Jensen, on the very same samples: the importance-sampled bound is at least the ELBO
+        assert result["log_likelihood"] >= result["elbo"]
+    assert client.post("/loglik?seed=0", files=_files(png(), png(1))).json() == body
+
+
+def test_loglik_sample_counts(client: TestClient) -> None:
+    vae = client.post("/loglik?model=tiny-vae&num_samples=5000", files=_files(png())).json()
+    assert vae["results"][0]["num_samples"] == 5000
+    odd = client.post("/loglik?num_samples=10", files=_files(png())).json()
+    assert odd["results"][0]["num_samples"] == 10
+    _error(client.post("/loglik?num_samples=5001", files=_files(png())), 422, "invalid_parameter")
+    _error(client.post("/loglik?num_samples=0", files=_files(png())), 422, "invalid_parameter")
+    # fewer samples than components cannot sample every component
+    _error(client.post("/loglik?num_samples=2", files=_files(png())), 422, "invalid_parameter")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_model(client: TestClient) -> None:
+    error = _error(client.post("/encode?model=nope", files=_files(png())), 404, "model_not_found")
+    assert "tiny-recmix" in error["message"]  # says what exists
+
+
+def test_unsupported_body_type(client: TestClient) -> None:
+    response = client.post("/encode", content=b"hello", headers={"content-type": "text/plain"})
+    _error(response, 415, "unsupported_media_type")
+    _error(client.post("/encode"), 415, "unsupported_media_type")
+
+
+def test_not_an_image(client: TestClient) -> None:
+    _error(client.post("/encode", files=_files(b"GIF? no, plain text")), 415,
+           "unsupported_media_type")  # fmt: skip
+    _error(client.post("/encode", files=_files(b"")), 415, "unsupported_media_type")
+
+
+def test_truncated_image(client: TestClient) -> None:
+    data = encoded(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8))
+    error = _error(client.post("/encode", files=_files(data[: len(data) // 2])), 400,
+                   "undecodable_image")  # fmt: skip
+    assert "truncated" in error["message"]
+
+
+def test_error_names_the_bad_image(client: TestClient) -> None:
+    error = _error(client.post("/encode", files=_files(png(), b"nonsense")), 415,
+                   "unsupported_media_type")  # fmt: skip
+    assert error["message"].startswith("image 1:")
+    assert error["details"]["image"] == 1
+
+
+def test_bad_json(client: TestClient) -> None:
+    headers = {"content-type": "application/json"}
+    _error(client.post("/encode", content=b"{nope", headers=headers), 400, "bad_request")
+    _error(client.post("/encode", json={"images": [{"base64": "***"}]}), 400, "bad_request")
+    _error(client.post("/encode", json={"pictures": []}), 422, "invalid_input")
+    _error(client.post("/encode", json={"images": [{}]}), 422, "invalid_input")
+    both = {"base64": base64.b64encode(png()).decode(), "pixels": [[0]]}
+    _error(client.post("/encode", json={"images": [both]}), 422, "invalid_input")
+    _error(client.post("/encode", json={"images": []}), 422, "invalid_input")
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    [
+        pytest.param([[0.0, 2.0], [0.0, 0.0]], id="out-of-range"),
+        pytest.param([[0.0, -0.1]], id="negative"),
+        pytest.param([[0.0, 1.0], [0.0]], id="ragged"),
+        pytest.param([[["a", "b"]]], id="strings"),
+        pytest.param([[[0.0, 0.0]]], id="two-channels"),
+        pytest.param([0.0, 1.0], id="one-dimensional"),
+        pytest.param([[[[0.0]]]], id="four-dimensional"),
+    ],
+)
+def test_bad_pixel_arrays(client: TestClient, pixels: Any) -> None:
+    _error(client.post("/encode", json={"images": [{"pixels": pixels}]}), 422, "invalid_input")
+
+
+def test_too_many_pixels_is_refused_undecoded(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, max_pixels=100 * 100) as small:
+        big = encoded(np.zeros((101, 100), dtype=np.uint8))
+        error = _error(small.post("/encode", files=_files(big)), 422, "too_many_pixels")
+        assert "100x101" in error["message"]
+        assert small.post("/encode", files=_files(png(size=100))).status_code == 200
+        huge = {"pixels": np.zeros((101, 100)).tolist()}
+        _error(small.post("/encode", json={"images": [huge]}), 422, "too_many_pixels")
+
+
+def test_decompression_bomb(client: TestClient) -> None:
+    """A PNG that claims 60000 x 60000 pixels in a few hundred bytes is never decoded."""
+    bomb = encoded(np.zeros((1, 1), dtype=np.uint8))
+    width_height = (60000).to_bytes(4, "big") * 2
+    ihdr = bomb[12:16] + width_height + bomb[24:29]
+    import zlib
+
+    forged = bomb[:16] + width_height + bomb[24:29] + zlib.crc32(ihdr).to_bytes(4, "big")
+    forged += bomb[33:]
+    _error(client.post("/encode", files=_files(forged)), 422, "too_many_pixels")
+
+
+def test_resize_refused_by_setting(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, resize="refuse") as strict:
+        error = _error(strict.post("/encode", files=_files(png(size=32))), 422, "invalid_input")
+        assert "32x32" in error["message"] and "28x28" in error["message"]
+        assert strict.post("/encode", files=_files(png())).status_code == 200
+
+
+def test_too_many_images(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, max_images_per_request=2) as limited:
+        _error(limited.post("/encode", files=_files(png(), png(), png())), 422, "too_many_images")
+        many = {"images": [{"pixels": [[0.0]]}] * 3}
+        _error(limited.post("/encode", json=many), 422, "too_many_images")
+        assert limited.post("/encode", files=_files(png(), png())).status_code == 200
+
+
+def test_body_over_the_limit(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, max_body_bytes=2000) as limited:
+        big = encoded(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+        assert len(big) > 2000
+        # refused by its Content-Length
+        error = _error(
+            limited.post("/encode", content=big, headers={"content-type": "image/png"}),
+            413,
+            "payload_too_large",
+        )
+        assert "2000" in error["message"]
+        _error(limited.post("/encode", files=_files(big)), 413, "payload_too_large")
+
+        # and while reading, when the length is not declared (chunked)
+        def chunks() -> Iterator[bytes]:
+            for start in range(0, len(big), 500):
+                yield big[start : start + 500]
+
+        response = limited.post("/encode", content=chunks(), headers={"content-type": "image/png"})
+        _error(response, 413, "payload_too_large")
+        assert limited.post("/encode", files=_files(png())).status_code == 200
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    _error(client.get("/nothing-here"), 404, "not_found")
+    _error(client.get("/encode"), 405, "method_not_allowed")
+
+
+# ---------------------------------------------------------------- API key
+
+
+def test_api_key(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, api_key="s3cret") as locked:
+        _error(locked.post("/encode", files=_files(png())), 401, "unauthorized")
+        wrong = {"X-API-Key": "nope"}
+        _error(locked.post("/encode", files=_files(png()), headers=wrong), 401, "unauthorized")
+        basic = {"Authorization": "Basic czNjcmV0"}
+        _error(locked.post("/loglik", files=_files(png()), headers=basic), 401, "unauthorized")
+        ok = locked.post("/encode", files=_files(png()), headers={"X-API-Key": "s3cret"})
+        assert ok.status_code == 200
+        bearer = {"Authorization": "Bearer s3cret"}
+        assert locked.post("/sample", files=_files(png()), headers=bearer).status_code == 200
+        # checked before anything else: an unknown model is still a 401 without the key
+        _error(locked.post("/encode?model=nope", files=_files(png())), 401, "unauthorized")
+        for open_path in ("/healthz", "/readyz", "/metrics", "/models"):
+            assert locked.get(open_path).status_code == 200
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _samples(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_appear_and_move(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, encode_mode="concurrent") as fresh:
+        text = fresh.get("/metrics").text
+        for name in METRIC_NAMES:
+            assert name in text
+        before = _samples(fresh)
+        assert fresh.post("/encode", files=_files(png(), png(1))).status_code == 200
+        assert fresh.post("/loglik?num_samples=30", files=_files(png())).status_code == 200
+        fresh.post("/encode", content=b"x", headers={"content-type": "text/plain"})
+        after = _samples(fresh)
+
+    def moved(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    ok = {"endpoint": "/encode", "model": "tiny-recmix", "status_class": "2xx"}
+    assert moved("recmix_request_duration_seconds_count", **ok) == 1
+    refused = {"endpoint": "/encode", "model": "tiny-recmix", "status_class": "4xx"}
+    assert moved("recmix_request_duration_seconds_count", **refused) == 1
+    for stage in ("preprocess", "encode", "component_1", "component_2", "component_3", "decode",
+                  "loglik"):  # fmt: skip
+        count = moved("recmix_inference_duration_seconds_count", model="tiny-recmix", stage=stage)
+        assert count >= 1, stage
+    batch = {"model": "tiny-recmix", "endpoint": "/encode"}
+    assert moved("recmix_batch_size_count", **batch) == 1
+    assert moved("recmix_batch_size_sum", **batch) == 2
+    errors = {"endpoint": "/encode", "kind": "unsupported_media_type"}
+    assert moved("recmix_errors_total", **errors) == 1
+    info = {
+        "model": "tiny-recmix",
+        "version": "0.0.1",
+        "provider": "CPUExecutionProvider",
+        "mixture_order": "3",
+        "method": "recmix",
+    }
+    assert _value(after, "recmix_model_info", **info) == 1
+    assert _value(after, "recmix_requests_in_flight", endpoint="/metrics") == 1  # this request
+
+
+def test_fused_encode_stage_is_timed(client: TestClient) -> None:
+    client.post("/encode", files=_files(png()))
+    samples = _samples(client)
+    labels = {"model": "tiny-recmix", "stage": "fused_encode"}
+    assert _value(samples, "recmix_inference_duration_seconds_count", **labels) >= 1
+
+
+def test_apps_have_separate_registries(tiny_model_repo: Path) -> None:
+    first, second = (
+        create_app(settings_for(tiny_model_repo)),
+        create_app(settings_for(tiny_model_repo)),
+    )
+    assert first.state.metrics.registry is not second.state.metrics.registry
+
+
+def test_error_bodies_are_json_everywhere(client: TestClient) -> None:
+    for response in (
+        client.post("/encode", content=b"x", headers={"content-type": "text/plain"}),
+        client.get("/models/none"),
+        client.get("/nowhere"),
+        client.post("/loglik?num_samples=-1", files=_files(png())),
+    ):
+        assert response.headers["content-type"] == "application/json"
+        assert set(json.loads(response.content)) == {"error"}
