@@ -580,27 +580,20 @@ def _png(size: int) -> bytes:
 
 
 def _traffic(base: str, models: list[str], stop: threading.Event) -> None:
-    """Bounded load on loopback: at most 600 requests, and never past 120 s."""
-    image = _png(28)
+    """Bounded load on loopback: at most 1200 requests, and never past 120 s."""
     boundary = "recmixdeploytest"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
+    body = (
+        (head + "Content-Type: image/png\r\n\r\n").encode()
+        + _png(28)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     deadline = time.monotonic() + 120
     for n in range(600):
         if stop.is_set() or time.monotonic() > deadline:
             return
-        model = models[n % len(models)]
-        body = (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
-                "Content-Type: image/png\r\n\r\n"
-            ).encode()
-            + image
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
-        _http(
-            f"{base}/encode?model={model}",
-            data=body,
-            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-        )
+        _http(f"{base}/encode?model={models[n % len(models)]}", data=body, headers=headers)
         _http(f"{base}/models")
         stop.wait(0.05)
 
