@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -26,6 +27,15 @@ from service.metrics import CONTENT_TYPE, Metrics
 from service.preprocess import ImageInput, to_png
 from service.runtime import ModelRunner, Runtime
 from service.settings import Settings
+
+
+class FastJSONResponse(JSONResponse):
+    """JSON written by pydantic's Rust serializer: for arrays of floats about 9x faster than the
+    standard library's, which matters at batch 1 where the answer is a few hundred floats."""
+
+    def render(self, content: Any) -> bytes:
+        return pydantic_core.to_json(content)
+
 
 # ---------------------------------------------------------------- dependencies
 
@@ -155,11 +165,11 @@ inference = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_R
 )
 async def encode(
     request: Request, runtime: RuntimeDep, settings: SettingsDep, runner: ModelDep
-) -> JSONResponse:
+) -> FastJSONResponse:
     """The mixture posterior of each image: every component's weight, mean and variance."""
     images = await read_images(request, settings)
     posterior = await to_thread.run_sync(runtime.encode, runner, images)
-    return JSONResponse(schemas.encode_answer(runner, posterior))
+    return FastJSONResponse(schemas.encode_answer(runner, posterior))
 
 
 @inference.post(
@@ -187,7 +197,7 @@ async def reconstruct(
     if format == "png":
         png = to_png(result.probabilities[0])
         return Response(png, media_type="image/png", headers={"X-Recmix-Model": runner.name})
-    return JSONResponse(schemas.reconstruct_answer(runner, result, mode))
+    return FastJSONResponse(schemas.reconstruct_answer(runner, result, mode))
 
 
 @inference.post(
@@ -208,7 +218,7 @@ async def sample(
     """Latent samples z ~ Q(z|x) per image, each with the component it came from."""
     images = await read_images(request, settings)
     samples = await to_thread.run_sync(runtime.sample, runner, images, n, decode, seed)
-    return JSONResponse(schemas.sample_answer(runner, samples, image_format))
+    return FastJSONResponse(schemas.sample_answer(runner, samples, image_format))
 
 
 @inference.post(
@@ -227,7 +237,7 @@ async def loglik(
     """Importance-sampled log p(x) with the mixture as proposal, and the ELBO."""
     images = await read_images(request, settings)
     estimate = await to_thread.run_sync(runtime.log_likelihood, runner, images, num_samples, seed)
-    return JSONResponse(schemas.loglik_answer(runner, estimate))
+    return FastJSONResponse(schemas.loglik_answer(runner, estimate))
 
 
 # ---------------------------------------------------------------- models, health, metrics

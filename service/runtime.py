@@ -391,20 +391,6 @@ class ModelRunner:
             self.fused.run(None, {"x": x})
         return time.perf_counter() - start
 
-    def info(self) -> dict[str, Any]:
-        """What the service says about the model: its manifest, provider and encode mode."""
-        manifest = self.manifest.model_dump(mode="json")
-        return {
-            "name": self.name,
-            "version": self.manifest.version,
-            "method": self.manifest.method,
-            "mixture_order": self.mixture_order,
-            "latent_dim": self.manifest.latent_dim,
-            "provider": self.provider,
-            "encode_mode": self.encode_mode,
-            "manifest": manifest,
-        }
-
 
 def _rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(seed)
