@@ -504,8 +504,10 @@ class Runtime:
 
     def model(self, name: str | None) -> ModelRunner:
         """The model a request asks for (or the default one)."""
-        if self.state in ("starting", "stopped"):
+        if self.state == "starting":
             raise NotReady("the service is not ready: models are still loading")
+        if self.state == "stopped":
+            raise NotReady("the service is shutting down")
         if name is None:
             if self.default_model is None:
                 raise ModelNotFound(

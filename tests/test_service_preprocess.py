@@ -137,3 +137,32 @@ def test_png_out() -> None:
     np.testing.assert_allclose(np.asarray(image) / 255.0, probabilities[0], atol=0.5 / 255 + 1e-9)
     rgb = Image.open(io.BytesIO(to_png(np.zeros((3, 4, 5)))))
     assert rgb.mode == "RGB" and rgb.size == (5, 4)
+
+
+@pytest.mark.filterwarnings("ignore")  # Pillow warns about the corrupt metadata it skips
+def test_corrupted_files_are_refused_never_crash() -> None:
+    """Random byte flips and cuts of valid files: each decodes or gets a documented error."""
+    from service.errors import ServiceError
+
+    rng = np.random.default_rng(0)
+    bases = [encoded(digit(1), fmt) for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF")]
+    outcomes = set()
+    for i in range(500):
+        data = bytearray(bases[i % len(bases)])
+        for _ in range(rng.integers(1, 6)):
+            data[rng.integers(0, len(data))] = rng.integers(0, 256)
+        if rng.random() < 0.3:
+            data = data[: rng.integers(1, len(data))]
+        try:
+            preprocess([bytes(data)], GRAY, LIMITS)
+            outcomes.add("decoded")
+        except ServiceError as exc:
+            outcomes.add(exc.code)
+    assert outcomes <= {
+        "decoded",
+        "undecodable_image",
+        "unsupported_media_type",
+        "too_many_pixels",
+        "invalid_input",
+    }
+    assert {"decoded", "undecodable_image"} <= outcomes
