@@ -314,12 +314,9 @@ class ModelRunner:
         z = np.ascontiguousarray(z, dtype=np.float32)
         chunks = []
         for start in range(0, z.shape[0], self.decode_batch_size):
+            rows = z[start : start + self.decode_batch_size]
             with self._timed("decode"):
-                chunks.append(
-                    self.decoder.run(["logits"], {"z": z[start : start + self.decode_batch_size]})[
-                        0
-                    ]
-                )
+                chunks.append(self.decoder.run(["logits"], {"z": rows})[0])
         return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
 
     def reconstruct(

@@ -260,3 +260,24 @@ def test_symlink_leading_outside_is_refused(model_dir: Path, tmp_path: Path) -> 
     (model_dir / "decoder.onnx").symlink_to(outside)
     with pytest.raises(ModelRepositoryError, match="outside"):
         load_model_dir(model_dir)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.mark.parametrize("folder", discover(SHIPPED), ids=lambda p: p.name)
+def test_shipped_models_pass_the_check(folder: Path, tmp_path: Path) -> None:
+    loaded = load_model_dir(folder)
+    assert loaded.manifest.name == folder.name
+    assert loaded.manifest.evaluation is not None, "shipped models record their evaluation"
+    # and a corrupted copy of each is refused
+    copy = tmp_path / folder.name
+    copy.mkdir()
+    for item in folder.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    victim = copy / loaded.manifest.decoder().path
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ModelRepositoryError, match="SHA-256"):
+        load_model_dir(copy)

@@ -21,6 +21,7 @@ from service_support import png
 from service.cli import settings_from_args
 
 HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -32,21 +33,22 @@ def _free_port() -> int:
 class ServerProcess:
     """``python -m service`` (what ``recmix-serve`` runs) on a free loopback port."""
 
-    def __init__(self, repo: Path, *flags: str) -> None:
+    def __init__(self, repo: Path | None, *flags: str) -> None:
+        """``repo=None``: no model flags at all, from the repository root (the shipped models)."""
         self.port = _free_port()
         self.url = f"http://{HOST}:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECMIX_")}
+        command = [sys.executable, "-m", "service", "--host", HOST, "--port", str(self.port)]
+        if repo is not None:
+            command += ["--model-dir", str(repo), "--default-model", "tiny-recmix"]
         self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "service",
-                "--model-dir", str(repo), "--host", HOST, "--port", str(self.port),
-                "--default-model", "tiny-recmix", *flags,
-            ],
+            [*command, *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
             text=True,
-        )  # fmt: skip
+            cwd=ROOT,
+        )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -237,3 +239,22 @@ def test_entry_point_is_installed() -> None:
         pytest.skip("recmix-serve is not installed in this environment")
     done = subprocess.run([str(entry), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--model-dir" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_no_arguments_serve_the_shipped_models() -> None:
+    shipped = {"mnist-recmix", "mnist-vae"}
+    if not all((ROOT / "models" / name / "manifest.json").is_file() for name in shipped):
+        pytest.skip("the shipped models are not in models/")
+    proc = ServerProcess(None, "--drain-seconds", "0")
+    try:
+        proc.wait_ready()
+        body = httpx.get(f"{proc.url}/models").json()
+        assert body["default_model"] == "mnist-recmix"
+        assert shipped <= {m["name"] for m in body["models"]}
+        answer = httpx.post(f"{proc.url}/encode", files={"file": ("d.png", png(), "image/png")})
+        assert answer.status_code == 200 and answer.json()["model"] == "mnist-recmix"
+        assert len(answer.json()["results"][0]["components"]) == 4
+    finally:
+        assert proc.stop() == 0
