@@ -7,7 +7,7 @@ generated from the settings themselves; a flag wins over its ``RECMIX_*`` enviro
 from __future__ import annotations
 
 import argparse
-import logging
+import copy
 import os
 import signal
 import sys
@@ -17,6 +17,7 @@ from typing import Any, get_args
 
 import uvicorn
 from pydantic import SecretStr, ValidationError
+from uvicorn.config import LOGGING_CONFIG
 
 from service.settings import Settings
 
@@ -72,20 +73,28 @@ class _Server(uvicorn.Server):
             captured.pop()
 
 
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, with the service's own logger beside it (in every worker process)."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["recmix"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:
         print(f"recmix-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        "log_config": log_config(settings.log_level),
         "timeout_graceful_shutdown": settings.graceful_timeout,
         "proxy_headers": False,
         "server_header": False,
