@@ -1,0 +1,119 @@
+"""`recmix-train`: train, evaluate and export RecMix VAEs and their baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.config import (
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    add_dataclass_arguments,
+    dataclass_from_args,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recmix-train",
+        description="Train, evaluate and export VAEs with recursive mixture inference (RecMix).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_train = sub.add_parser("train", help="train a model (vae, me or recmix)")
+    add_dataclass_arguments(p_train.add_argument_group("model"), ModelConfig)
+    add_dataclass_arguments(p_train.add_argument_group("training"), TrainConfig)
+
+    p_eval = sub.add_parser(
+        "evaluate", help="test log-likelihood (importance sampling) of a checkpoint"
+    )
+    p_eval.add_argument("checkpoint", type=Path, help="a checkpoint written by `train` (last.pt)")
+    add_dataclass_arguments(p_eval, EvalConfig)
+
+    p_export = sub.add_parser("export", help="export a checkpoint to ONNX with a manifest")
+    p_export.add_argument("checkpoint", type=Path, help="a checkpoint written by `train` (last.pt)")
+    p_export.add_argument(
+        "--out", type=Path, required=True, help="model folder to write, e.g. models/NAME"
+    )
+    p_export.add_argument("--name", default=None, help="model name (default: the folder's name)")
+    p_export.add_argument("--version", default="1", help="model version string")
+    p_export.add_argument("--description", default="", help="one line shown by GET /models")
+    p_export.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results.json of the evaluation to record in the manifest "
+        "(default: results.json beside the checkpoint, if any)",
+    )
+    p_export.add_argument("--data-dir", default=None, help="MNIST folder for the parity check")
+    p_export.add_argument(
+        "--no-fused", action="store_true", help="skip the fused all-components graph"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from training.trainer import train
+
+        out = train(dataclass_from_args(ModelConfig, args), dataclass_from_args(TrainConfig, args))
+        print(f"run folder: {out}")
+        return 0
+    if args.command == "evaluate":
+        import torch
+
+        from training.data import load_dataset
+        from training.evaluate import evaluate
+        from training.trainer import load_model, pick_device
+
+        cfg: EvalConfig = dataclass_from_args(EvalConfig, args)
+        device = pick_device(cfg.device)
+        model, state = load_model(args.checkpoint, device)
+        _, test_x = load_dataset(
+            state["train_config"]["dataset"],
+            cfg.data_dir,
+            tuple(state["model_config"]["image_shape"]),
+        )
+        torch.set_grad_enabled(False)
+        results = evaluate(
+            model,
+            test_x.to(device),
+            num_samples=cfg.samples,
+            num_images=cfg.num_images,
+            sampling=cfg.sampling,
+            batch_size=cfg.batch_size,
+            chunk_rows=cfg.chunk_rows,
+            seed=cfg.seed,
+            timing_repeats=cfg.timing_repeats,
+        )
+        results.update(checkpoint=str(args.checkpoint), epochs=state["epoch"], device=str(device))
+        text = json.dumps(results, indent=2)
+        print(text)
+        if cfg.out:
+            Path(cfg.out).write_text(text + "\n")
+        return 0
+    if args.command == "export":
+        from training.export import export_checkpoint
+
+        folder = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            name=args.name,
+            version=args.version,
+            description=args.description,
+            results_path=args.results,
+            data_dir=args.data_dir,
+            fused=not args.no_fused,
+        )
+        print(f"exported to {folder}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
