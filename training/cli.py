@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             Path(cfg.out).write_text(text + "\n")
         return 0
     if args.command == "export":
+        import logging
+
         from training.export import export_checkpoint
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("recmix.export").setLevel(logging.INFO)
 
         folder = export_checkpoint(
             args.checkpoint,

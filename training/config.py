@@ -106,7 +106,7 @@ class TrainConfig:
 class EvalConfig:
     """How a checkpoint is evaluated."""
 
-    samples: int = _f(5000, "importance samples S per image")
+    samples: int = _f(5000, "importance samples S per image (0: only time the inference)")
     sampling: str = _f(
         "stratified",
         "stratified: S/M samples from every component, weighted by w_m; "

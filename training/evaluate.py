@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any
@@ -46,13 +47,18 @@ def evaluate(
     seed: int = 1234,
     timing_repeats: int = 200,
 ) -> dict[str, Any]:
-    """Mean test log-likelihood (S importance samples) and ELBO over the first num_images images."""
+    """Mean test log-likelihood (S importance samples) and ELBO over the first num_images images.
+
+    With num_samples = 0 only the inference time is measured.
+    """
     model.eval()
     torch.manual_seed(seed)
     xs = test_x[:num_images] if num_images else test_x
-    ll_sum = elbo_sum = 0.0
+    ll_sum = elbo_sum = math.nan
     t0 = time.perf_counter()
-    for i in range(0, len(xs), batch_size):
+    if num_samples > 0:
+        ll_sum = elbo_sum = 0.0
+    for i in range(0, len(xs) if num_samples > 0 else 0, batch_size):
         ll, elbo = importance_sampled_loglik(
             model, xs[i : i + batch_size], num_samples, sampling, chunk_rows
         )

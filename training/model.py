@@ -9,6 +9,7 @@ differs only in how it is trained (see `objectives.py`).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -23,7 +24,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "elu":
 def mlp(sizes: list[int], activation: str) -> nn.Sequential:
     """Linear layers with `activation` between them (none after the last), Kaiming-uniform init."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         linear = nn.Linear(a, b)
         nonlinearity = "relu" if activation in ("relu", "elu", "softplus") else "tanh"
         nn.init.kaiming_uniform_(linear.weight, nonlinearity=nonlinearity)
