@@ -24,6 +24,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
+def recmix(tiny_model_repo: Path) -> Manifest:
+    return Manifest.load(tiny_model_repo / "tiny-recmix")
+
+
+@pytest.fixture(scope="module")
 def client(tiny_model_repo: Path) -> Iterator[TestClient]:
     with TestClient(create_app(settings_for(tiny_model_repo))) as test_client:
         yield test_client
@@ -102,7 +107,7 @@ def _check_posterior(result: dict[str, Any], order: int, dim: int) -> None:
         assert all(v > 0 for v in c["variance"])
 
 
-def test_encode_every_body_type_gives_the_same_answer(client: TestClient) -> None:
+def test_encode_every_body_type_gives_the_same_answer(client: TestClient, recmix: Manifest) -> None:
     pixels = digit(3)
     data = encoded(pixels)
     by_multipart = client.post("/encode", files=_files(data)).json()
@@ -112,8 +117,8 @@ def test_encode_every_body_type_gives_the_same_answer(client: TestClient) -> Non
     by_pixels = client.post("/encode", json={"images": [{"pixels": (pixels / 255).tolist()}]})
     by_raw = client.post("/encode", content=data, headers={"content-type": "image/png"}).json()
     assert by_multipart["model"] == "tiny-recmix"
-    assert by_multipart["version"] == "0.0.1"
-    _check_posterior(by_multipart["results"][0], 3, 4)
+    assert by_multipart["version"] == recmix.version
+    _check_posterior(by_multipart["results"][0], 3, recmix.latent_dim)
     assert by_base64 == by_multipart == by_raw
     assert by_pixels.status_code == 200
     assert by_pixels.json() == by_multipart
@@ -170,7 +175,7 @@ def test_encode_modes_agree(client: TestClient, tiny_model_repo: Path, mode: str
             assert ca["weight"] == pytest.approx(cb["weight"], abs=1e-6)
 
 
-def test_encode_accepts_common_formats_and_sizes(client: TestClient) -> None:
+def test_encode_accepts_common_formats_and_sizes(client: TestClient, recmix: Manifest) -> None:
     pixels = digit(4)
     rgb = np.repeat(pixels[:, :, None], 3, axis=2)
     images = [
@@ -184,7 +189,7 @@ def test_encode_accepts_common_formats_and_sizes(client: TestClient) -> None:
     response = client.post("/encode", files=_files(*images))
     assert response.status_code == 200, response.text
     for result in response.json()["results"]:
-        _check_posterior(result, 3, 4)
+        _check_posterior(result, 3, recmix.latent_dim)
 
 
 # ---------------------------------------------------------------- /reconstruct
@@ -222,14 +227,14 @@ def test_reconstruct_png_takes_one_image(client: TestClient) -> None:
 # ---------------------------------------------------------------- /sample
 
 
-def test_sample(client: TestClient) -> None:
+def test_sample(client: TestClient, recmix: Manifest) -> None:
     body = client.post("/sample?n=7&seed=1", files=_files(png(), png(1))).json()
     assert len(body["results"]) == 2
     for result in body["results"]:
         samples = result["samples"]
         assert len(samples) == 7
         for s in samples:
-            assert 1 <= s["component"] <= 3 and len(s["z"]) == 4
+            assert 1 <= s["component"] <= 3 and len(s["z"]) == recmix.latent_dim
             assert "image_png" not in s and "pixels" not in s
     again = client.post("/sample?n=7&seed=1", files=_files(png(), png(1))).json()
     assert again == body
@@ -452,7 +457,7 @@ def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def test_metrics_appear_and_move(tiny_model_repo: Path) -> None:
+def test_metrics_appear_and_move(tiny_model_repo: Path, recmix: Manifest) -> None:
     with _client(tiny_model_repo, encode_mode="concurrent") as fresh:
         text = fresh.get("/metrics").text
         for name in METRIC_NAMES:
@@ -481,7 +486,7 @@ def test_metrics_appear_and_move(tiny_model_repo: Path) -> None:
     assert moved("recmix_errors_total", **errors) == 1
     info = {
         "model": "tiny-recmix",
-        "version": "0.0.1",
+        "version": recmix.version,
         "provider": "CPUExecutionProvider",
         "mixture_order": "3",
         "method": "recmix",
