@@ -57,7 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from training.data import DataNotFoundError
+
+    try:
+        return _run(args)
+    except (DataNotFoundError, FileNotFoundError, ValueError, FloatingPointError) as exc:
+        parser.exit(2, f"recmix-train {args.command}: error: {exc}\n")
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from training.trainer import train
 

@@ -1,0 +1,119 @@
+"""ONNX export: parity with PyTorch, the fused graph, the manifest, and the shipped models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from service.manifest import Manifest, log_weights
+from service.repository import ModelRepositoryError, discover, load_model_dir
+from tests.conftest import make_tiny_model
+from training.export import ExportError, check_parity, export_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ["mnist-recmix", "mnist-vae"]
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_tiny_export_round_trips(tiny_model_repo, mnist_test_images):
+    model = make_tiny_model("recmix", 3, "amortized")
+    folder = tiny_model_repo / "tiny-recmix"
+    manifest = Manifest.load(folder)
+    x = mnist_test_images[64:96]
+    mean, logvar, eps = model.encode_components(x)
+    for entry in manifest.components():
+        m = entry.component - 1
+        outs = _session(folder / entry.path).run(None, {"x": x.numpy()})
+        np.testing.assert_allclose(outs[0], mean[:, m].detach().numpy(), atol=1e-4)
+        np.testing.assert_allclose(outs[1], logvar[:, m].detach().numpy(), atol=1e-4)
+        np.testing.assert_allclose(outs[2], eps[:, m].detach().numpy(), atol=1e-4)
+    z = torch.randn(5, 4)
+    logits = _session(folder / "decoder.onnx").run(None, {"z": z.numpy()})[0]
+    assert logits.shape == (5, 1, 28, 28)
+    np.testing.assert_allclose(logits, model.decode(z).detach().numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 128])
+def test_fused_graph_equals_the_component_graphs(tiny_model_repo, mnist_test_images, batch):
+    folder = tiny_model_repo / "tiny-recmix"
+    manifest = Manifest.load(folder)
+    x = mnist_test_images[:batch].numpy()
+    means, logvars, fused_lw = _session(folder / manifest.fused().path).run(None, {"x": x})
+    eps = []
+    for entry in manifest.components():
+        mean, logvar, eps_logit = _session(folder / entry.path).run(None, {"x": x})
+        np.testing.assert_allclose(means[:, entry.component - 1], mean, atol=1e-5)
+        np.testing.assert_allclose(logvars[:, entry.component - 1], logvar, atol=1e-5)
+        eps.append(eps_logit)
+    lw = log_weights(manifest.weights, manifest.mixture_order, np.stack(eps, 1))
+    np.testing.assert_allclose(fused_lw, lw, atol=1e-5)
+    # The recursion's weights, from the ONNX outputs, sum to one for every image.
+    np.testing.assert_allclose(np.exp(fused_lw).sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.exp(lw).sum(1), 1.0, atol=1e-6)
+
+
+def test_export_fails_loudly_when_onnxruntime_disagrees(tmp_path, mnist_test_images):
+    model = make_tiny_model("recmix", 2)
+    folder = export_model(model, tmp_path / "m", parity_images=mnist_test_images[:16])
+    manifest = Manifest.load(folder)
+    with torch.no_grad():
+        model.decoder.net[0].weight.add_(0.01)  # PyTorch now differs from the written graph
+    with pytest.raises(ExportError, match=r"decoder\.logits"):
+        check_parity(model, folder, manifest, mnist_test_images[:16])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_models_validate_and_checksums_hold(name):
+    folder = load_model_dir(ROOT / "models" / name)
+    m = folder.manifest
+    assert m.name == name and m.evaluation is not None
+    assert m.evaluation.num_samples == 5000 and m.evaluation.num_test_images == 10000
+    assert m.evaluation.test_log_likelihood < m.evaluation.test_elbo + 20
+    assert {p.name for p in discover(ROOT / "models")} >= set(SHIPPED)
+
+
+def test_shipped_recmix_beats_shipped_vae_and_repository_is_small():
+    ll = {n: Manifest.load(ROOT / "models" / n).evaluation.test_log_likelihood for n in SHIPPED}
+    assert ll["mnist-recmix"] > ll["mnist-vae"]
+    size = sum(p.stat().st_size for p in (ROOT / "models").rglob("*") if p.is_file())
+    assert size < 40 * 2**20
+
+
+def test_shipped_recmix_weights_sum_to_one(mnist_test_images):
+    folder = ROOT / "models" / "mnist-recmix"
+    manifest = Manifest.load(folder)
+    lw = _session(folder / manifest.fused().path).run(None, {"x": mnist_test_images[:32].numpy()})[
+        2
+    ]
+    np.testing.assert_allclose(np.exp(lw).sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.exp(log_weights(manifest.weights, 4)).sum(), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["tamper", "truncate", "remove", "manifest"])
+def test_corrupted_copy_is_refused(tmp_path, damage):
+    copy = tmp_path / "mnist-vae"
+    shutil.copytree(ROOT / "models" / "mnist-vae", copy)
+    target = copy / "decoder.onnx"
+    if damage == "tamper":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-100])
+    elif damage == "remove":
+        target.unlink()
+    else:
+        doc = json.loads((copy / "manifest.json").read_text())
+        doc["mixture_order"] = 2
+        (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelRepositoryError):
+        load_model_dir(copy)
