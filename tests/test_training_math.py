@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
-from training.config import ModelConfig
+from tests.conftest import make_tiny_model
 from training.distributions import (
     DiagGaussian,
     GaussianMixture,
     bernoulli_log_prob,
     recursive_log_weights,
 )
-from training.model import RecMixVAE
 from training.objectives import importance_sampled_loglik, log_joint, training_loss
 
 
@@ -75,19 +74,8 @@ def test_kl_estimator_converges_to_closed_form():
     assert abs(mc.item() - closed.item()) < 0.01
 
 
-def _model(method="recmix", M=3, **kw):
-    torch.manual_seed(3)
-    cfg = ModelConfig(
-        method=method,
-        latent_dim=4,
-        encoder_hidden=(16,),
-        decoder_hidden=(16,),
-        mixture_order=M,
-        **kw,
-    )
-    model = RecMixVAE(cfg)
-    model.set_active(cfg.mixture_order)
-    return model.eval()
+def _model(method="recmix", M=3):
+    return make_tiny_model(method, M, seed=3)
 
 
 def test_importance_sampling_with_one_sample_is_the_single_sample_elbo():
