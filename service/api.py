@@ -165,11 +165,14 @@ inference = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_R
 )
 async def encode(
     request: Request, runtime: RuntimeDep, settings: SettingsDep, runner: ModelDep
-) -> FastJSONResponse:
+) -> Response:
     """The mixture posterior of each image: every component's weight, mean and variance."""
     images = await read_images(request, settings)
-    posterior = await to_thread.run_sync(runtime.encode, runner, images)
-    return FastJSONResponse(schemas.encode_answer(runner, posterior))
+
+    def answer() -> Response:  # in a worker thread, serialization included
+        return FastJSONResponse(schemas.encode_answer(runner, runtime.encode(runner, images)))
+
+    return await to_thread.run_sync(answer)
 
 
 @inference.post(
@@ -193,11 +196,15 @@ async def reconstruct(
     images = await read_images(request, settings)
     if format == "png" and len(images) != 1:
         raise InvalidParameter("format=png answers one image; send one, or ask format=json")
-    result = await to_thread.run_sync(runtime.reconstruct, runner, images, mode, seed)
-    if format == "png":
-        png = to_png(result.probabilities[0])
-        return Response(png, media_type="image/png", headers={"X-Recmix-Model": runner.name})
-    return FastJSONResponse(schemas.reconstruct_answer(runner, result, mode))
+
+    def answer() -> Response:
+        result = runtime.reconstruct(runner, images, mode, seed)
+        if format == "png":
+            png = to_png(result.probabilities[0])
+            return Response(png, media_type="image/png", headers={"X-Recmix-Model": runner.name})
+        return FastJSONResponse(schemas.reconstruct_answer(runner, result, mode))
+
+    return await to_thread.run_sync(answer)
 
 
 @inference.post(
@@ -214,11 +221,15 @@ async def sample(
         "png"
     ),
     seed: Seed = None,
-) -> JSONResponse:
+) -> Response:
     """Latent samples z ~ Q(z|x) per image, each with the component it came from."""
     images = await read_images(request, settings)
-    samples = await to_thread.run_sync(runtime.sample, runner, images, n, decode, seed)
-    return FastJSONResponse(schemas.sample_answer(runner, samples, image_format))
+
+    def answer() -> Response:
+        samples = runtime.sample(runner, images, n, decode, seed)
+        return FastJSONResponse(schemas.sample_answer(runner, samples, image_format))
+
+    return await to_thread.run_sync(answer)
 
 
 @inference.post(
@@ -233,11 +244,15 @@ async def loglik(
         int | None, Query(ge=1, description="importance samples S (default: the server's)")
     ] = None,
     seed: Seed = None,
-) -> JSONResponse:
+) -> Response:
     """Importance-sampled log p(x) with the mixture as proposal, and the ELBO."""
     images = await read_images(request, settings)
-    estimate = await to_thread.run_sync(runtime.log_likelihood, runner, images, num_samples, seed)
-    return FastJSONResponse(schemas.loglik_answer(runner, estimate))
+
+    def answer() -> Response:
+        estimate = runtime.log_likelihood(runner, images, num_samples, seed)
+        return FastJSONResponse(schemas.loglik_answer(runner, estimate))
+
+    return await to_thread.run_sync(answer)
 
 
 # ---------------------------------------------------------------- models, health, metrics
