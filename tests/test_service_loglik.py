@@ -1,8 +1,9 @@
 """/loglik agrees with the training code's importance-sampled estimate on the same model and images.
 
 A small RecMix model (M = 3, amortized eps) is built with the training code, exported with the
-real export, and served; both sides estimate log p(x) and the ELBO with S stratified samples,
-several times with fresh draws, and their means must agree within their Monte Carlo error.
+real export, and served. On four binarized MNIST test images both sides estimate log p(x) and the
+ELBO with S stratified samples, several times with fresh draws, and their means must agree within
+their Monte Carlo error.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from service_support import digit, settings_for
+from service_support import settings_for
 
 from service.app import create_app
 
@@ -23,7 +24,9 @@ REPEATS = 6
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, np.ndarray]:
+def exported(
+    tmp_path_factory: pytest.TempPathFactory, mnist_test_images: object
+) -> tuple[object, Path, np.ndarray]:
     from training.config import ModelConfig
     from training.export import export_model
     from training.model import RecMixVAE
@@ -45,8 +48,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, np
         model.decoder.net[-1].weight.mul_(0.2)
         for encoder in model.encoders:  # distinct, input-dependent weights
             encoder.eps_head.weight.normal_(0.0, 0.5)
-    images = np.stack([(digit(seed) / 255.0 > 0.5).astype(np.float32) for seed in range(4)])
-    x = torch.from_numpy(images[:, None])  # (4, 1, 28, 28), already binary
+    x = mnist_test_images[:4]  # (4, 1, 28, 28), binarized as evaluation does
+    images = x[:, 0].numpy()
     repo = tmp_path_factory.mktemp("loglik-repo")
     export_model(model, repo / "tiny-recmix", name="tiny-recmix", parity_images=x)
     return model.eval(), repo, images
