@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from training.config import (
+    BenchConfig,
     EvalConfig,
     ModelConfig,
     TrainConfig,
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_train = sub.add_parser("train", help="train a model (vae, me or recmix)")
+    p_train = sub.add_parser("train", help="train a model (vae, me, recmix, savae or iaf)")
     add_dataclass_arguments(p_train.add_argument_group("model"), ModelConfig)
     add_dataclass_arguments(p_train.add_argument_group("training"), TrainConfig)
 
@@ -33,6 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_eval.add_argument("checkpoint", type=Path, help="a checkpoint written by `train` (last.pt)")
     add_dataclass_arguments(p_eval, EvalConfig)
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="train (or reuse) every method, then compare test log-likelihood, ELBO, "
+        "amortization gap and inference time; writes JSON, a Markdown table and a plot",
+    )
+    # One flag per setting: the methods come from --methods, the output folder and the
+    # evaluation's device, data and batch from the bench and training groups.
+    add_dataclass_arguments(p_bench.add_argument_group("model"), ModelConfig, exclude=("method",))
+    add_dataclass_arguments(
+        p_bench.add_argument_group("training"),
+        TrainConfig,
+        exclude=("out", "eval_samples", "eval_images"),
+    )
+    add_dataclass_arguments(
+        p_bench.add_argument_group("evaluation"),
+        EvalConfig,
+        exclude=("device", "data_dir", "out", "seed", "batch_size"),
+    )
+    add_dataclass_arguments(p_bench.add_argument_group("benchmark"), BenchConfig)
 
     p_export = sub.add_parser("export", help="export a checkpoint to ONNX with a manifest")
     p_export.add_argument("checkpoint", type=Path, help="a checkpoint written by `train` (last.pt)")
@@ -59,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `bench`
     from training.data import DataNotFoundError
 
     try:
@@ -101,11 +123,26 @@ def _run(args: argparse.Namespace) -> int:
             seed=cfg.seed,
             timing_repeats=cfg.timing_repeats,
         )
+        if cfg.gap_images > 0:
+            from training.svi import gap_summary
+
+            results.update(gap_summary(model, test_x[: cfg.gap_images].to(device), cfg))
         results.update(checkpoint=str(args.checkpoint), epochs=state["epoch"], device=str(device))
         text = json.dumps(results, indent=2)
         print(text)
         if cfg.out:
             Path(cfg.out).write_text(text + "\n")
+        return 0
+    if args.command == "bench":
+        from training.bench import run_bench
+
+        run_bench(
+            dataclass_from_args(ModelConfig, args),
+            dataclass_from_args(TrainConfig, args),
+            dataclass_from_args(EvalConfig, args),
+            dataclass_from_args(BenchConfig, args),
+            argv=args.argv[1:],
+        )
         return 0
     if args.command == "export":
         import logging

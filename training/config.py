@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
-METHODS = ("vae", "me", "recmix")
+METHODS = ("vae", "me", "recmix", "savae", "iaf")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -27,7 +27,8 @@ class ModelConfig:
     method: str = _f(
         "recmix",
         "inference model: vae (one encoder), me (M encoders trained jointly "
-        "by the mixture ELBO), recmix (recursive mixture)",
+        "by the mixture ELBO), recmix (recursive mixture), savae (one encoder refined by "
+        "savae_steps gradient steps on the ELBO), iaf (one encoder and iaf_steps flow steps)",
         choices=METHODS,
     )
     image_shape: tuple[int, ...] = _f((1, 28, 28), "input shape C H W")
@@ -45,6 +46,16 @@ class ModelConfig:
     eps_init: float = _f(
         0.1, "initial mixing proportion eps_m of a component when it joins (recmix)"
     )
+    # SA-VAE (Kim et al. 2018): the encoder's (mean, logvar) refined at training and test time.
+    savae_steps: int = _f(4, "k, gradient-ascent steps on the ELBO refining the encoder's output")
+    savae_step_size: float = _f(0.02, "step size of each refinement step (savae)")
+    savae_clip: float = _f(
+        5.0, "clip each image's refinement gradient to this norm (0: off) (savae)"
+    )
+    # IAF (Kingma et al. 2016): T masked autoregressive steps with the encoder's context h.
+    iaf_steps: int = _f(2, "T, inverse autoregressive flow steps (iaf)")
+    iaf_hidden: tuple[int, ...] = _f((320, 320), "hidden layer sizes of each MADE network (iaf)")
+    iaf_context_dim: int = _f(50, "size of the encoder's context h fed to every flow step (iaf)")
 
 
 @dataclass
@@ -123,12 +134,54 @@ class EvalConfig:
         200, "repetitions when timing inference per image and per batch of 128"
     )
     out: str | None = _f(None, "write the results as JSON here (default: print only)")
+    # amortization gap: per-image SVI (Adam) in the method's own family, on the first images
+    gap_images: int = _f(0, "test images for the amortization gap by SVI (0: skip)")
+    svi_init: str = _f(
+        "encoder",
+        "start SVI from the encoder's output (in the method's own posterior family), or from "
+        "scratch (one Gaussian from the prior N(0, I))",
+        choices=("encoder", "scratch"),
+    )
+    svi_steps: int = _f(300, "SVI optimization steps per image")
+    svi_lr: float = _f(1e-2, "SVI Adam learning rate")
+    svi_samples: int = _f(4, "samples per step (per component for mixtures) in SVI's ELBO gradient")
+    svi_eval_samples: int = _f(
+        500, "samples (per component for mixtures) estimating the ELBO before and after SVI"
+    )
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Expose every field of a config dataclass as a command-line flag, with its default and help."""
+@dataclass
+class BenchConfig:
+    """What `recmix-train bench` compares, besides the model, training and evaluation settings."""
+
+    methods: tuple[str, ...] = _f(
+        ("vae", "savae", "iaf", "me", "recmix"),
+        "methods to compare, in table order",
+        choices=METHODS,
+    )
+    checkpoints: str | None = _f(
+        None,
+        "folder of trained models to reuse: METHOD/model.pt or METHOD.pt in it "
+        "(methods without one are trained into OUT/METHOD)",
+    )
+    timing_rounds: int = _f(5, "interleaved timing rounds; each round times every method in turn")
+    out: str = _f(
+        "runs/bench",
+        "folder for the trained models (OUT/METHOD) and benchmark.json, .md and .png",
+    )
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()
+) -> None:
+    """Expose every field of a config dataclass as a command-line flag, with its default and help.
+
+    Fields named in `exclude` get no flag (they keep their default, see `dataclass_from_args`).
+    """
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         typ = hints[f.name]
@@ -153,6 +206,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def dataclass_from_args(cls: type, ns: argparse.Namespace) -> Any:
     values = {}
     for f in dataclasses.fields(cls):
+        if not hasattr(ns, f.name):
+            continue  # a field without a flag keeps its default
         v = getattr(ns, f.name)
         values[f.name] = tuple(v) if isinstance(v, list) else v
     return cls(**values)

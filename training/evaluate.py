@@ -19,20 +19,32 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_inference(model: RecMixVAE, x: torch.Tensor, batch: int, repeats: int) -> float:
-    """Median seconds of one posterior inference (all components and weights) for `batch` images."""
+def inference_times(
+    model: RecMixVAE, x: torch.Tensor, batch: int, repeats: int, warmup: int = 10
+) -> list[float]:
+    """Seconds of each of `repeats` posterior inferences for `batch` images, after a warm-up.
+
+    Inference is `model.encode` (all components and weights; SA-VAE's refinement steps included),
+    or `model.infer` where a model has one (IAF: the encoder and one sample through the flow).
+    """
     model.eval()
+    infer = getattr(model, "infer", model.encode)
     xb = x[:batch]
-    for _ in range(min(10, repeats)):
-        model.encode(xb)
+    for _ in range(min(warmup, repeats)):
+        infer(xb)
     _sync(xb.device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model.encode(xb)
+        infer(xb)
         _sync(xb.device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def time_inference(model: RecMixVAE, x: torch.Tensor, batch: int, repeats: int) -> float:
+    """Median seconds of one posterior inference (all components and weights) for `batch` images."""
+    return statistics.median(inference_times(model, x, batch, repeats))
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ RecMix routes gradients so that each part of the model gets exactly its own obje
   - component 1: its own ELBO; component m > 1: J = ELBO(q_m) + lam * KL(q_m || Q),
       with the decoder, the weights and the earlier components held fixed.
 ME trains everything jointly by the mixture ELBO; the VAE is ME with M = 1.
+The baselines SA-VAE and IAF bring their own objectives (savae.py, iaf.py).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def training_loss(
     refine: str = "own",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one mini-batch (to minimize) and its statistics (detached scalars)."""
+    if method in ("savae", "iaf"):
+        return model.training_loss(x)  # savae.py, iaf.py
     m = model.num_active
     mean, logvar, eps_logits = model.encode_components(x, m)  # (B, m, D), (B, m, D), (B, m)
     log_w = recursive_log_weights(eps_logits)  # (B, m)
@@ -134,6 +137,8 @@ def importance_sampled_loglik(
     + log p(x, z_ms) - log Q(z_ms|x)]; mixture: S ancestral samples from Q. Chunked over samples so
     at most `chunk_rows` decoder rows are in memory; every reduction is a logsumexp.
     """
+    if hasattr(model, "importance_sampled_loglik"):
+        return model.importance_sampled_loglik(x, num_samples, chunk_rows)  # a flow (iaf.py)
     mix = model.encode(x)
     B, M, _ = mix.components.mean.shape
     if sampling == "stratified":

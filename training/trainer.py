@@ -16,6 +16,8 @@ import torch
 
 from training.config import ModelConfig, TrainConfig
 from training.data import dynamic_binarize, load_dataset
+from training.distributions import GaussianMixture
+from training.methods import build_model
 from training.model import RecMixVAE
 from training.objectives import importance_sampled_loglik, training_loss
 
@@ -56,7 +58,7 @@ def load_model(
 ) -> tuple[RecMixVAE, dict]:
     """Rebuild a model from a checkpoint's stored configuration and weights."""
     state = torch.load(checkpoint, map_location=device, weights_only=False)
-    model = RecMixVAE(ModelConfig(**state["model_config"])).to(device)
+    model = build_model(ModelConfig(**state["model_config"])).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     return model, state
@@ -89,7 +91,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig) -> Path:
     train_x, test_x = load_dataset(cfg.dataset, cfg.data_dir, model_cfg.image_shape)
     train_x, test_x = train_x.to(device), test_x.to(device)
 
-    model = RecMixVAE(model_cfg).to(device)
+    model = build_model(model_cfg).to(device)
     # The fused kernel updates every parameter in one launch on a GPU; same update rule.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
     start_epoch, elapsed = 0, 0.0
@@ -155,7 +157,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig) -> Path:
         if not all(math.isfinite(v) for k, v in row.items() if k.startswith("train_")):
             raise FloatingPointError(f"non-finite training objective in epoch {epoch + 1}: {row}")
         with torch.no_grad():
-            row["weights"] = model.encode(test_x[:500]).log_weights.exp().mean(0).tolist()
+            posterior = model.encode(test_x[:500])
+            if isinstance(posterior, GaussianMixture):  # IAF's posterior has no weights
+                row["weights"] = posterior.log_weights.exp().mean(0).tolist()
         if cfg.epoch_eval_images:
             row["test_elbo_subset"] = quick_test_elbo(model, test_x, cfg.epoch_eval_images)
         with metrics_path.open("a") as fh:
