@@ -38,17 +38,19 @@ class FastJSONResponse(JSONResponse):
 
 
 # ---------------------------------------------------------------- dependencies
+# All async: FastAPI runs a plain `def` dependency in a worker thread, a hop per dependency per
+# request that costs more than these functions do.
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
@@ -57,7 +59,7 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With an API key set, inference needs it as ``X-API-Key`` or ``Authorization: Bearer``."""
     if settings.api_key is None:
         return
@@ -72,7 +74,7 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
         )
 
 
-def get_model(
+async def get_model(
     request: Request,
     runtime: RuntimeDep,
     model: Annotated[
