@@ -5,11 +5,12 @@ flag of ``recmix-serve`` (``--model-dir``); a flag wins over the environment, wh
 default here. Settings are built by :func:`service.app.create_app` or the command line, never at
 import time.
 
-``encode_mode`` defaults to ``fused``: measured with onnxruntime 1.32 on a 2-core CPU at batch 1
-with four 784-500-500-50 components, one intra-op thread per session, p50 (p99):
-fused graph 184 us (249 us), components one after another 205 us (279 us), concurrently from
-threads 239 us (390 us); a single component takes 46 us. With this little work per component the
-thread hand-offs cost more than they save; ``concurrent`` pays off on a GPU or with wide layers.
+``encode_mode`` defaults to ``fused``, the fastest here. On the shipped models (four
+784-500-500-50 components), /encode at batch 1 over HTTP on loopback, the three modes served side
+by side with requests interleaved, on a 2-core CPU with one core busy training, p50 (p99): fused
+2.04 ms (6.8), sequential 2.18 ms (6.7), concurrent 2.26 ms (6.9); the VAE 1.42 ms (5.4). With
+this little work per component the hand-offs between threads cost more than they save;
+``concurrent`` may pay off with cores to spare or on a GPU.
 """
 
 from __future__ import annotations
