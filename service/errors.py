@@ -88,6 +88,12 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class BatchFailed(ServiceError):
+    """The batched run a request joined failed: every request of that batch gets this."""
+
+    code = "batch_failed"
+
+
 HTTP_STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
     UndecodableImage: 400,
@@ -100,6 +106,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     TooManyImages: 422,
     InvalidParameter: 422,
     NotReady: 503,
+    BatchFailed: 500,
     ServiceError: 500,
 }
 
@@ -131,7 +138,8 @@ def install_handlers(app: FastAPI, on_error: Callable[[Request, str], None]) -> 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         status = status_of(exc)
-        if status >= 500 and not isinstance(exc, NotReady):
+        # these two name no internals; any other 5xx gets a message that names none
+        if status >= 500 and not isinstance(exc, NotReady | BatchFailed):
             log.error("internal error on %s: %s", request.url.path, exc.message)
             return respond(request, status, "internal_error", "internal server error")
         return respond(request, status, exc.code, exc.message, **exc.details)

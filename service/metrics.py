@@ -20,6 +20,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 REQUEST_DURATION = "recmix_request_duration_seconds"
 INFERENCE_DURATION = "recmix_inference_duration_seconds"
 BATCH_SIZE = "recmix_batch_size"
+RUN_SIZE = "recmix_run_batch_size"
+QUEUE_DURATION = "recmix_queue_duration_seconds"
 REQUESTS_IN_FLIGHT = "recmix_requests_in_flight"
 ERRORS = "recmix_errors_total"
 MODEL_INFO = "recmix_model_info"
@@ -28,6 +30,8 @@ METRIC_NAMES = (
     REQUEST_DURATION,
     INFERENCE_DURATION,
     BATCH_SIZE,
+    RUN_SIZE,
+    QUEUE_DURATION,
     REQUESTS_IN_FLIGHT,
     ERRORS,
     MODEL_INFO,
@@ -58,9 +62,25 @@ class Metrics:
         )
         self.batch_size = Histogram(
             BATCH_SIZE,
-            "Images per inference call.",
+            "Images per request.",
             ("model", "endpoint"),
             buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.run_size = Histogram(
+            RUN_SIZE,
+            "Images per inference run: a dynamic batch of requests, or one request when "
+            "batching is off.",
+            ("model", "endpoint"),
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            QUEUE_DURATION,
+            "Time a request waits before its inference run starts: for its batch to form and "
+            "the one before it to finish, or for a worker thread when batching is off.",
+            ("model", "endpoint"),
+            buckets=SECONDS_BUCKETS,
             registry=self.registry,
         )
         self.in_flight = Gauge(
@@ -88,6 +108,12 @@ class Metrics:
     def observe_batch(self, model: str, operation: str, size: int) -> None:
         # the runtime's operations are named after their endpoints
         self.batch_size.labels(model, f"/{operation}").observe(size)
+
+    def observe_queue(self, model: str, operation: str, seconds: float) -> None:
+        self.queue_duration.labels(model, f"/{operation}").observe(seconds)
+
+    def observe_run(self, model: str, operation: str, rows: int) -> None:
+        self.run_size.labels(model, f"/{operation}").observe(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,7 +16,8 @@ The steps, in order, each driven by the manifest's ``input`` spec:
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -57,26 +58,61 @@ def supported_formats() -> tuple[str, ...]:
     return tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 
 
-def preprocess(inputs: Sequence[ImageInput], spec: InputSpec, limits: ImageLimits) -> np.ndarray:
-    """A batch of images to the model's input, float32 ``(B, C, H, W)``."""
-    batch = np.empty((len(inputs), spec.channels, spec.height, spec.width), dtype=np.float32)
+def preprocess(
+    inputs: Sequence[ImageInput],
+    spec: InputSpec,
+    limits: ImageLimits,
+    pixel_budget: int | None = None,
+) -> np.ndarray | None:
+    """A batch of images to the model's input, float32 ``(B, C, H, W)``.
+
+    Every image's header is read (and its size checked) before any is decoded. With a
+    ``pixel_budget``, nothing is decoded and None is returned when the images hold more pixels
+    than that in all, so that the caller can do the work elsewhere (off the event loop).
+    """
+    opened: list[Image.Image | np.ndarray] = []
+    pixels = 0
     for i, item in enumerate(inputs):
-        try:
+        with _naming(i, len(inputs)):
             if isinstance(item, bytes | bytearray):
-                pixels = _intensities_of_image(decode_image(bytes(item), limits), spec.channels)
+                image = open_image(bytes(item), limits)
+                pixels += image.size[0] * image.size[1]
+                opened.append(image)
             else:
-                pixels = _intensities_of_array(item, spec.channels, limits)
-            batch[i] = _fit(pixels, spec, limits)
-        except ServiceError as exc:
-            if len(inputs) > 1:
-                exc.message = f"image {i}: {exc.message}"
-                exc.details["image"] = i
-            raise
+                pixels += item.shape[0] * item.shape[1] if item.ndim >= 2 else item.size
+                opened.append(item)
+    if pixel_budget is not None and pixels > pixel_budget:
+        return None
+    batch = np.empty((len(inputs), spec.channels, spec.height, spec.width), dtype=np.float32)
+    for i, source in enumerate(opened):
+        with _naming(i, len(inputs)):
+            if isinstance(source, Image.Image):
+                intensities = _intensities_of_image(load_image(source), spec.channels)
+            else:
+                intensities = _intensities_of_array(source, spec.channels, limits)
+            batch[i] = _fit(intensities, spec, limits)
     return batch
+
+
+@contextmanager
+def _naming(index: int, count: int) -> Iterator[None]:
+    """Name the image at fault in an error, when a request holds several."""
+    try:
+        yield
+    except ServiceError as exc:
+        if count > 1:
+            exc.message = f"image {index}: {exc.message}"
+            exc.details["image"] = index
+        raise
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Open an image, refuse it unread if it has too many pixels, then decode its first frame."""
+    return load_image(open_image(data, limits))
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Read an image's header and check its size; nothing is decoded yet."""
     if not data:
         raise UnsupportedMediaType("empty image file")
     try:
@@ -101,6 +137,11 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         )
     if width == 0 or height == 0:
         raise InvalidInput(f"image is {width}x{height}: empty")
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode the first frame of an opened image."""
     try:
         image.seek(0)
         image.load()
@@ -120,7 +161,8 @@ def _intensities_of_image(image: Image.Image, channels: int) -> np.ndarray:
         gray = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
         return np.repeat(gray[None], channels, axis=0)
     if channels == 1:
-        return (np.asarray(image.convert("L"), dtype=np.float32) / 255.0)[None]
+        gray = image if mode == "L" else image.convert("L")  # convert() copies even an L image
+        return (np.asarray(gray, dtype=np.float32) / 255.0)[None]
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 

@@ -12,25 +12,32 @@ service answers (RecMix, Kim & Pavlovic, NeurIPS 2020; see the project's notes o
   log Q(z_ms|x)]``, and the mixture ELBO ``sum_m w_m mean_s[log p(x, z_ms) - log Q(z_ms|x)]``
   from the same samples.
 
-:class:`Runtime` loads every model of the repository and runs requests on the one asked for.
+:class:`Runtime` loads every model of the repository and runs requests on the one asked for. With
+dynamic batching on (:mod:`service.batching`), concurrent requests for one model and operation
+run as one batch (one encoder call, decoder calls shared); each request draws from its own
+generator, so that its answer is the same whatever else shares its batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import onnxruntime as ort
+from anyio import to_thread
 
+from service.batching import Batcher, OnDispatch
 from service.errors import InvalidParameter, ModelNotFound, NotReady
 from service.manifest import log_weights
 from service.preprocess import ImageInput, ImageLimits, preprocess
@@ -44,6 +51,13 @@ CUDA = "CUDAExecutionProvider"
 _LOG_2PI = math.log(2.0 * math.pi)
 
 State = Literal["starting", "ready", "draining", "stopped"]
+T = TypeVar("T")
+
+# With batching, a request's images are preprocessed on the event loop when they hold at most
+# this many pixels in all, else in a worker thread. A 28x28 digit takes about 40 us here, less
+# than a hand-off to a worker thread and back; five of them, about 0.2 ms, is as long as the
+# event loop (every other request's I/O) should wait.
+INLINE_PIXELS = 4096
 
 
 class StartupError(Exception):
@@ -57,12 +71,22 @@ class Observer(Protocol):
 
     def observe_batch(self, model: str, operation: str, size: int) -> None: ...
 
+    def observe_queue(self, model: str, operation: str, seconds: float) -> None: ...
+
+    def observe_run(self, model: str, operation: str, rows: int) -> None: ...
+
 
 class _NullObserver:
     def observe_stage(self, model: str, stage: str, seconds: float) -> None:
         pass
 
     def observe_batch(self, model: str, operation: str, size: int) -> None:
+        pass
+
+    def observe_queue(self, model: str, operation: str, seconds: float) -> None:
+        pass
+
+    def observe_run(self, model: str, operation: str, rows: int) -> None:
         pass
 
 
@@ -219,6 +243,56 @@ class LogLikelihood:
     num_samples: int
 
 
+# One request's work, its images preprocessed: what a batch is made of. Each request draws from
+# its own generator (seeded when asked), so its answer is the same alone or in a batch.
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    x: np.ndarray  # (B, C, H, W)
+
+
+@dataclass(frozen=True)
+class ReconstructJob:
+    x: np.ndarray
+    mode: Literal["mean", "sample"]
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    x: np.ndarray
+    n: int
+    decode: bool
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class LoglikJob:
+    x: np.ndarray
+    num_samples: int
+    seed: int | None = None
+
+
+Operation = Literal["encode", "reconstruct", "sample", "loglik"]
+OPERATIONS: tuple[Operation, ...] = ("encode", "reconstruct", "sample", "loglik")
+
+
+@dataclass
+class _LoglikItem:
+    """One input batch of a log-likelihood run and what is known of it before decoding."""
+
+    posterior: Posterior
+    rng: np.random.Generator
+    num_samples: int
+    counts: np.ndarray  # (M,) samples per component
+    components: np.ndarray  # (S,) 0-based component of each sample, sorted
+    starts: np.ndarray  # (M,) first sample of each component
+    targets: np.ndarray  # (B, P) pixels in [0, 1], float64
+    log_px: np.ndarray  # (B,) filled in as the decoder runs
+    elbo: np.ndarray  # (B,)
+
+
 class ModelRunner:
     """One model's sessions and its inference, on preprocessed float32 (B, C, H, W) inputs."""
 
@@ -307,6 +381,17 @@ class ModelRunner:
         with self._timed(f"component_{index + 1}"):
             return self.components[index].run(self._component_outputs, {"x": x})
 
+    def encode_batch(self, jobs: Sequence[EncodeJob]) -> list[Posterior]:
+        return self._encode_each([job.x for job in jobs])
+
+    def _encode_each(self, xs: Sequence[np.ndarray]) -> list[Posterior]:
+        """Encode several input batches in one call; the posterior of each."""
+        if len(xs) == 1:
+            return [self.encode(xs[0])]
+        posterior = self.encode(np.concatenate(xs))
+        bounds = np.cumsum([0, *(len(x) for x in xs)])
+        return [posterior[a:b] for a, b in itertools.pairwise(bounds)]
+
     # ------------------------------------------------------------ decode
 
     def decode_logits(self, z: np.ndarray) -> np.ndarray:
@@ -319,74 +404,152 @@ class ModelRunner:
                 chunks.append(self.decoder.run(["logits"], {"z": rows})[0])
         return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
 
-    def reconstruct(
-        self, posterior: Posterior, mode: Literal["mean", "sample"], rng: np.random.Generator
-    ) -> Reconstruction:
-        """Pixel probabilities decoded from the mixture mean, or from one sample of Q(z|x)."""
-        z = posterior.mixture_mean() if mode == "mean" else posterior.sample(1, rng)[0][:, 0]
-        return Reconstruction(sigmoid(self.decode_logits(z).astype(np.float64)))
+    def reconstruct_batch(self, jobs: Sequence[ReconstructJob]) -> list[Reconstruction]:
+        """Pixel probabilities decoded from each mixture mean, or from one sample of Q(z|x)."""
+        posteriors = self._encode_each([job.x for job in jobs])
+        z = [
+            post.mixture_mean() if job.mode == "mean" else post.sample(1, _rng(job.seed))[0][:, 0]
+            for job, post in zip(jobs, posteriors, strict=True)
+        ]  # (B_j, D) each
+        probabilities = sigmoid(self.decode_logits(np.concatenate(z)).astype(np.float64))
+        return [Reconstruction(p) for p in _split(probabilities, [len(j.x) for j in jobs])]
 
-    def sample(
-        self, posterior: Posterior, n: int, decode: bool, rng: np.random.Generator
-    ) -> Samples:
-        z, components = posterior.sample(n, rng)
-        probabilities = None
-        if decode:
-            batch, _, dim = z.shape
-            logits = self.decode_logits(z.reshape(batch * n, dim)).astype(np.float64)
-            probabilities = sigmoid(logits).reshape(batch, n, *logits.shape[1:])
-        return Samples(z, components + 1, probabilities)
+    def sample_batch(self, jobs: Sequence[SampleJob]) -> list[Samples]:
+        """n draws of Q(z|x) per image, with their components; decoded where asked."""
+        posteriors = self._encode_each([job.x for job in jobs])
+        draws = [
+            post.sample(job.n, _rng(job.seed)) for job, post in zip(jobs, posteriors, strict=True)
+        ]  # z (B_j, n_j, D), components (B_j, n_j)
+        decoded = [k for k, job in enumerate(jobs) if job.decode]
+        images: dict[int, np.ndarray] = {}
+        if decoded:
+            z = np.concatenate([draws[k][0].reshape(-1, draws[k][0].shape[-1]) for k in decoded])
+            probabilities = sigmoid(self.decode_logits(z).astype(np.float64))  # (N, C, H, W)
+            sizes = [draws[k][0].shape[0] * draws[k][0].shape[1] for k in decoded]
+            for k, part in zip(decoded, _split(probabilities, sizes), strict=True):
+                batch, n = draws[k][0].shape[:2]
+                images[k] = part.reshape(batch, n, *part.shape[1:])  # (B_j, n_j, C, H, W)
+        return [Samples(z, comps + 1, images.get(k)) for k, (z, comps) in enumerate(draws)]
 
     # ------------------------------------------------------------ log-likelihood
+
+    def check_num_samples(self, num_samples: int) -> None:
+        if num_samples < self.mixture_order:
+            raise InvalidParameter(
+                f"num_samples must be at least the mixture order {self.mixture_order} "
+                "(one sample per component)"
+            )
 
     def log_likelihood(
         self, x: np.ndarray, posterior: Posterior, num_samples: int, rng: np.random.Generator
     ) -> LogLikelihood:
         """Stratified importance-sampled log p(x) and the mixture ELBO, per input."""
+        return self._log_likelihoods([(x, posterior, num_samples, rng)])[0]
+
+    def log_likelihood_batch(self, jobs: Sequence[LoglikJob]) -> list[LogLikelihood]:
+        posteriors = self._encode_each([job.x for job in jobs])
+        return self._log_likelihoods(
+            [
+                (job.x, post, job.num_samples, _rng(job.seed))
+                for job, post in zip(jobs, posteriors, strict=True)
+            ]
+        )
+
+    def _log_likelihoods(
+        self, requests: Sequence[tuple[np.ndarray, Posterior, int, np.random.Generator]]
+    ) -> list[LogLikelihood]:
+        """log p(x) and the ELBO for several input batches, their samples sharing decoder calls.
+
+        Inputs are taken a few at a time (about one decoder chunk of samples), so that at most
+        about ``decode_batch_size`` decoder rows are in memory, whatever S and the batch.
+        Each input batch draws from its own generator, in input order, so the draws (and the
+        answer) do not depend on what else shares the decoder calls.
+        """
         num_components = self.mixture_order
-        if num_samples < num_components:
-            raise InvalidParameter(
-                f"num_samples must be at least the mixture order {num_components} "
-                "(one sample per component)"
-            )
-        counts = stratified_counts(num_samples, num_components)
-        components = np.repeat(np.arange(num_components), counts)  # (S,), sorted
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         low, high = self.manifest.input.value_range
-        targets = ((x.astype(np.float64) - low) / (high - low)).reshape(x.shape[0], -1)
-        batch = x.shape[0]
-        log_px = np.empty(batch)
-        elbo = np.empty(batch)
-        # enough inputs per pass to fill about one decoder chunk
-        group = max(1, self.decode_batch_size // num_samples)
+        items = []
+        for x, posterior, num_samples, rng in requests:
+            self.check_num_samples(num_samples)
+            counts = stratified_counts(num_samples, num_components)
+            batch = x.shape[0]
+            items.append(
+                _LoglikItem(
+                    posterior=posterior,
+                    rng=rng,
+                    num_samples=num_samples,
+                    counts=counts,
+                    components=np.repeat(np.arange(num_components), counts),
+                    starts=np.concatenate([[0], np.cumsum(counts)[:-1]]),
+                    targets=((x.astype(np.float64) - low) / (high - low)).reshape(batch, -1),
+                    log_px=np.empty(batch),
+                    elbo=np.empty(batch),
+                )
+            )
+        pending: list[tuple[_LoglikItem, slice, np.ndarray]] = []
+        pending_rows = 0
         with self._timed("loglik"):
-            for first in range(0, batch, group):
-                part = slice(first, min(first + group, batch))
-                post = posterior[part]
-                size = part.stop - first
-                z = post.draw(np.broadcast_to(components, (size, num_samples)), rng)  # (G, S, D)
-                logits = self.decode_logits(z.reshape(size * num_samples, -1))
-                logits = logits.reshape(size, num_samples, -1).astype(np.float64)  # (G, S, P)
-                log_lik = bernoulli_log_prob(targets[part, None, :], logits)  # (G, S)
-                log_ratio = log_lik + log_standard_normal(z) - post.log_density(z)  # (G, S)
-                log_w = post.log_weights[:, components] - np.log(counts[components])  # (G, S)
-                log_px[part] = logsumexp(log_w + log_ratio, axis=1)
-                component_means = np.add.reduceat(log_ratio, starts, axis=1) / counts  # (G, M)
-                elbo[part] = np.sum(post.weights * component_means, axis=1)
-        return LogLikelihood(log_px, elbo, num_samples)
+            for item in items:
+                batch, num_samples = item.targets.shape[0], item.num_samples
+                group = max(1, self.decode_batch_size // num_samples)
+                for first in range(0, batch, group):
+                    part = slice(first, min(first + group, batch))
+                    rows = (part.stop - first) * num_samples
+                    if pending and pending_rows + rows > self.decode_batch_size:
+                        self._score(pending)
+                        pending, pending_rows = [], 0
+                    components = np.broadcast_to(item.components, (part.stop - first, num_samples))
+                    z = item.posterior[part].draw(components, item.rng)  # (G, S, D)
+                    pending.append((item, part, z))
+                    pending_rows += rows
+            if pending:
+                self._score(pending)
+        return [LogLikelihood(item.log_px, item.elbo, item.num_samples) for item in items]
+
+    def _score(self, pending: Sequence[tuple[_LoglikItem, slice, np.ndarray]]) -> None:
+        """Decode the samples of several input groups in one call; fill in their estimates."""
+        z_all = np.concatenate([z.reshape(-1, z.shape[-1]) for _, _, z in pending])
+        logits_all = self.decode_logits(z_all)  # (sum G*S, C, H, W)
+        offset = 0
+        for item, part, z in pending:
+            size, num_samples = z.shape[:2]
+            logits = logits_all[offset : offset + size * num_samples]
+            offset += size * num_samples
+            logits = logits.reshape(size, num_samples, -1).astype(np.float64)  # (G, S, P)
+            post = item.posterior[part]
+            log_lik = bernoulli_log_prob(item.targets[part, None, :], logits)  # (G, S)
+            log_ratio = log_lik + log_standard_normal(z) - post.log_density(z)  # (G, S)
+            log_w = post.log_weights[:, item.components] - np.log(item.counts[item.components])
+            item.log_px[part] = logsumexp(log_w + log_ratio, axis=1)
+            component_means = np.add.reduceat(log_ratio, item.starts, axis=1) / item.counts
+            item.elbo[part] = np.sum(post.weights * component_means, axis=1)  # (G,)
+
+    def run_batch(self, operation: Operation, jobs: Sequence[Any]) -> Sequence[Any]:
+        """Run the jobs of one operation together: one result per job, in order."""
+        if operation == "encode":
+            return self.encode_batch(jobs)
+        if operation == "reconstruct":
+            return self.reconstruct_batch(jobs)
+        if operation == "sample":
+            return self.sample_batch(jobs)
+        return self.log_likelihood_batch(jobs)
 
     def warm_up(self) -> float:
         """Run every session on every batch-size path once; the seconds it took."""
         start = time.perf_counter()
         spec = self.manifest.input
+        samples = max(2 * self.mixture_order, 8)
         for batch in (1, 2):
             x = np.zeros((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
-            posterior = self.encode(x)
-            self.log_likelihood(x, posterior, max(2 * self.mixture_order, 8), _rng(0))
-            self.reconstruct(posterior, "mean", _rng(0))
+            self.log_likelihood_batch([LoglikJob(x, samples, 0)])
+            self.reconstruct_batch([ReconstructJob(x, "mean", 0)])
         if self.fused is not None and self.encode_mode != "fused":
             self.fused.run(None, {"x": x})
         return time.perf_counter() - start
+
+
+def _split(array: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    """Consecutive parts of ``array`` along its first axis, of the given sizes."""
+    return np.split(array, np.cumsum(sizes)[:-1])
 
 
 def _rng(seed: int | None) -> np.random.Generator:
@@ -407,6 +570,8 @@ class Runtime:
         self.state: State = "starting"
         self.limits = ImageLimits(settings.max_pixels, settings.resize)
         self._executor: ThreadPoolExecutor | None = None
+        self._batch_executor: ThreadPoolExecutor | None = None
+        self._batchers: dict[tuple[str, Operation], Batcher[Any, Any]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ life cycle
@@ -470,6 +635,8 @@ class Runtime:
             )
         if not self.models:
             raise StartupError(f"no usable model in {settings.model_dir}")
+        if settings.max_queue_delay_ms > 0:
+            self._start_batching()
         if settings.default_model in self.models:
             self.default_model = settings.default_model
         elif len(self.models) == 1:
@@ -488,11 +655,46 @@ class Runtime:
                 self.state = "draining"
                 log.info("draining: /readyz now answers 503; in-flight requests finish")
 
+    def _start_batching(self) -> None:
+        """A batcher per model and operation; each runs one batch at a time, on its own thread."""
+        batchers = [(runner, op) for runner in self.models.values() for op in OPERATIONS]
+        self._batch_executor = ThreadPoolExecutor(len(batchers), thread_name_prefix="recmix-batch")
+        for runner, operation in batchers:
+            self._batchers[runner.name, operation] = Batcher(
+                f"{runner.name} {operation}",
+                partial(runner.run_batch, operation),
+                max_batch_size=self.settings.max_batch_size,
+                max_delay=self.settings.max_queue_delay_ms / 1e3,
+                executor=self._batch_executor,
+                on_dispatch=self._dispatch_observer(runner.name, operation),
+            )
+        log.info(
+            "dynamic batching: up to %d images, waiting at most %g ms",
+            self.settings.max_batch_size,
+            self.settings.max_queue_delay_ms,
+        )
+
+    def _dispatch_observer(self, model: str, operation: Operation) -> OnDispatch:
+        def on_dispatch(rows: int, waited: Sequence[float]) -> None:
+            for seconds in waited:
+                self.observer.observe_queue(model, operation, seconds)
+            self.observer.observe_run(model, operation, rows)
+
+        return on_dispatch
+
     def close(self) -> None:
+        """Stop: fail whatever still waits for a batch, stop the threads, drop the sessions.
+
+        Called on the event loop (the app's lifespan), after the server has let requests finish.
+        """
         self.begin_draining()
         self.state = "stopped"
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        for batcher in self._batchers.values():
+            batcher.fail_waiting(NotReady("the service is shutting down"))
+        self._batchers.clear()
+        for executor in (self._batch_executor, self._executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
         self.models.clear()
 
     @property
@@ -519,53 +721,113 @@ class Runtime:
         return runner
 
     # ------------------------------------------------------------ requests
+    # Each takes a request's images and a ``convert`` for its result (the service builds its
+    # answer there), and runs on the event loop: with batching, the request is prepared there
+    # (in a worker thread when its images are large) and joins its model's batcher; without,
+    # it is prepared, run and converted in a worker thread of its own.
 
-    def _prepare(self, runner: ModelRunner, operation: str, images: Sequence[ImageInput]):
-        self.observer.observe_batch(runner.name, operation, len(images))
-        start = time.perf_counter()
-        x = preprocess(images, runner.manifest.input, self.limits)
-        self.observer.observe_stage(runner.name, "preprocess", time.perf_counter() - start)
-        return x
+    async def encode(
+        self, runner: ModelRunner, images: Sequence[ImageInput], convert: Callable[[Posterior], T]
+    ) -> T:
+        return await self._submit(runner, "encode", images, EncodeJob, convert)
 
-    def encode(self, runner: ModelRunner, images: Sequence[ImageInput]) -> Posterior:
-        return runner.encode(self._prepare(runner, "encode", images))
-
-    def reconstruct(
+    async def reconstruct(
         self,
         runner: ModelRunner,
         images: Sequence[ImageInput],
         mode: Literal["mean", "sample"],
-        seed: int | None = None,
-    ) -> Reconstruction:
-        x = self._prepare(runner, "reconstruct", images)
-        return runner.reconstruct(runner.encode(x), mode, _rng(seed))
+        seed: int | None,
+        convert: Callable[[Reconstruction], T],
+    ) -> T:
+        return await self._submit(
+            runner, "reconstruct", images, lambda x: ReconstructJob(x, mode, seed), convert
+        )
 
-    def sample(
+    async def sample(
         self,
         runner: ModelRunner,
         images: Sequence[ImageInput],
         n: int,
         decode: bool,
-        seed: int | None = None,
-    ) -> Samples:
+        seed: int | None,
+        convert: Callable[[Samples], T],
+    ) -> T:
         if n > self.settings.max_samples_per_image:
             raise InvalidParameter(
                 f"n={n} exceeds the limit of {self.settings.max_samples_per_image} per image"
             )
-        x = self._prepare(runner, "sample", images)
-        return runner.sample(runner.encode(x), n, decode, _rng(seed))
+        return await self._submit(
+            runner, "sample", images, lambda x: SampleJob(x, n, decode, seed), convert
+        )
 
-    def log_likelihood(
+    async def log_likelihood(
         self,
         runner: ModelRunner,
         images: Sequence[ImageInput],
         num_samples: int | None,
-        seed: int | None = None,
-    ) -> LogLikelihood:
-        num_samples = num_samples or self.settings.default_loglik_samples
-        if num_samples > self.settings.max_loglik_samples:
+        seed: int | None,
+        convert: Callable[[LogLikelihood], T],
+    ) -> T:
+        samples = num_samples or self.settings.default_loglik_samples
+        if samples > self.settings.max_loglik_samples:
             raise InvalidParameter(
-                f"num_samples={num_samples} exceeds the limit of {self.settings.max_loglik_samples}"
+                f"num_samples={samples} exceeds the limit of {self.settings.max_loglik_samples}"
             )
-        x = self._prepare(runner, "loglik", images)
-        return runner.log_likelihood(x, runner.encode(x), num_samples, _rng(seed))
+        runner.check_num_samples(samples)
+        return await self._submit(
+            runner, "loglik", images, lambda x: LoglikJob(x, samples, seed), convert
+        )
+
+    async def _submit(
+        self,
+        runner: ModelRunner,
+        operation: Operation,
+        images: Sequence[ImageInput],
+        make_job: Callable[[np.ndarray], Any],
+        convert: Callable[[Any], T],
+    ) -> T:
+        batcher = self._batchers.get((runner.name, operation))
+        if batcher is None:
+            return await to_thread.run_sync(
+                self._run_alone, runner, operation, images, make_job, convert, time.perf_counter()
+            )
+
+        async def prepare() -> tuple[Any, int]:
+            x = self._prepare(runner, operation, images, INLINE_PIXELS)
+            if x is None:  # large images: decode them off the event loop
+                x = await to_thread.run_sync(self._prepare, runner, operation, images)
+            assert x is not None
+            return make_job(x), len(x)
+
+        return await batcher.submit(prepare(), convert)
+
+    def _run_alone(
+        self,
+        runner: ModelRunner,
+        operation: Operation,
+        images: Sequence[ImageInput],
+        make_job: Callable[[np.ndarray], Any],
+        convert: Callable[[Any], T],
+        submitted: float,
+    ) -> T:
+        """Batching off: one request, prepared, run and converted in this worker thread."""
+        self.observer.observe_queue(runner.name, operation, time.perf_counter() - submitted)
+        x = self._prepare(runner, operation, images)
+        assert x is not None
+        self.observer.observe_run(runner.name, operation, len(x))
+        return convert(runner.run_batch(operation, [make_job(x)])[0])
+
+    def _prepare(
+        self,
+        runner: ModelRunner,
+        operation: Operation,
+        images: Sequence[ImageInput],
+        pixel_budget: int | None = None,
+    ) -> np.ndarray | None:
+        """The model's input; None, with nothing decoded, if the images exceed ``pixel_budget``."""
+        start = time.perf_counter()
+        x = preprocess(images, runner.manifest.input, self.limits, pixel_budget)
+        if x is not None:
+            self.observer.observe_batch(runner.name, operation, len(x))
+            self.observer.observe_stage(runner.name, "preprocess", time.perf_counter() - start)
+        return x

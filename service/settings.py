@@ -5,12 +5,16 @@ flag of ``recmix-serve`` (``--model-dir``); a flag wins over the environment, wh
 default here. Settings are built by :func:`service.app.create_app` or the command line, never at
 import time.
 
-``encode_mode`` defaults to ``fused``, the fastest here. On the shipped models (four
-784-500-500-50 components), /encode at batch 1 over HTTP on loopback, the three modes served side
-by side with requests interleaved, on a 2-core CPU with one core busy training, p50 (p99): fused
-2.04 ms (6.8), sequential 2.18 ms (6.7), concurrent 2.26 ms (6.9); the VAE 1.42 ms (5.4). With
-this little work per component the hand-offs between threads cost more than they save;
-``concurrent`` may pay off with cores to spare or on a GPU.
+``encode_mode`` defaults to ``sequential``, the fastest on CPU at every batch size dynamic
+batching makes. ``python scripts/bench_encode_modes.py`` (the service's own encode on the shipped
+models, four 784-500-500-50 components, one intra-op thread, a 2-core CPU shared with other work),
+ms per call at batch 1 / 32 with the weights evicted from the caches before each call, as between
+requests: sequential 0.80 / 2.39, concurrent threads 0.90 / 2.55, fused graph 0.92 / 2.88; the
+VAE's encoder 0.28 / 0.71. With warm caches the order is the same. In the fused graph the second
+layers run as one batched matrix product, which onnxruntime's profiler puts at 1.6 times the time
+of the four components' plain ones; threads cost more in hand-offs than they save on two cores
+(``concurrent`` may pay off with cores to spare, or on a GPU). Over HTTP, where the encoder is a
+small part of a request, the modes are within a few per cent of each other (``results/load``).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class Settings(BaseSettings):
         default="auto", description="onnxruntime execution provider: auto picks CUDA when available"
     )
     encode_mode: EncodeMode = Field(
-        default="fused",
+        default="sequential",
         description="how the M components run: fused graph, concurrent threads or sequential "
         "(fused falls back to concurrent for a model exported without a fused graph)",
     )
@@ -73,6 +77,18 @@ class Settings(BaseSettings):
         ge=0,
         description="onnxruntime intra-op threads per CPU session (0: one per core); on GPU "
         "always 1",
+    )
+    max_batch_size: int = Field(
+        default=64,
+        ge=1,
+        description="dynamic batching: most images in one batched onnxruntime run (a larger "
+        "request runs alone)",
+    )
+    max_queue_delay_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="dynamic batching: longest a request waits for others to join its batch, "
+        "in ms (none when no other is on its way); 0 turns batching off",
     )
     decode_batch_size: int = Field(
         default=2048, ge=1, description="latent samples per decoder call in /loglik and /sample"
