@@ -1,0 +1,386 @@
+"""Load benchmark of /encode: throughput and latency under concurrency, with and without batching.
+
+Starts ``recmix-serve`` processes on free loopback ports, all serving the model repository: by
+default one with the default settings (dynamic batching on) and one with batching off
+(``--max-queue-delay-ms 0``); ``--server NAME=FLAGS`` names others (to compare encode modes, say).
+Then, in interleaved rounds (every cell once per round, so that all cells see the same machine
+state), it runs closed-loop load against each: C clients, each with one keep-alive connection,
+sending one image per request and the next as soon as the answer is read. Every cell is bounded
+in time and in requests; besides throughput and latency it records the images per inference run
+(the server's metrics) and the server's CPU time per request (``/proc``, Linux). Last, it
+samples the first server's resident memory (RSS) every second while it serves both models at
+concurrency 32 for ``--memory-seconds``.
+
+Writes ``load.md`` (the table and the target figures), ``load.json`` and ``load.png`` under --out.
+
+    python scripts/bench_load.py --out results/load
+    python scripts/bench_load.py --rounds 1 --seconds 1 --memory-seconds 5
+    python scripts/bench_load.py --concurrency 1 32 --memory-seconds 10 \
+        --server sequential="--encode-mode sequential" --server fused="--encode-mode fused" \
+        --server concurrent="--encode-mode concurrent" --out results/load/encode_modes_http
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_latency import HOST, free_port, start_server, test_image
+
+DEFAULT_SERVERS = ["batching=", "no-batching=--max-queue-delay-ms 0"]  # name=recmix-serve flags
+
+
+# ---------------------------------------------------------------- a lean HTTP/1.1 client
+# On a 2-core machine the load generator shares the CPU with the server; a client that costs
+# little per request (a prebuilt request, a Content-Length read) leaves the CPU to the server.
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection(HOST, port))
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        """Send a prebuilt request; the status and the body of the answer."""
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+        if match is None:
+            raise RuntimeError(f"answer without Content-Length: {head[:200]!r}")
+        return status, await self.reader.readexactly(int(match.group(1)))
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def encode_request(model: str, image: bytes) -> bytes:
+    head = (
+        f"POST /encode?model={model} HTTP/1.1\r\nHost: {HOST}\r\n"
+        f"Content-Type: image/png\r\nContent-Length: {len(image)}\r\n\r\n"
+    )
+    return head.encode() + image
+
+
+def check_answer(body: bytes, model: str) -> None:
+    answer = json.loads(body)
+    assert answer["model"] == model and len(answer["results"]) == 1, answer
+
+
+@dataclass
+class Cell:
+    model: str
+    server: str
+    concurrency: int
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    errors: int = 0
+    runs: float = 0.0  # inference runs and the images in them, from the server's metrics
+    run_images: float = 0.0
+    cpu_seconds: float = 0.0  # the server process's CPU time (all its threads)
+
+
+async def burst(
+    port: int, model: str, image: bytes, concurrency: int, seconds: float, max_requests: int
+) -> tuple[list[float], int, float]:
+    """Closed-loop load for ``seconds`` or ``max_requests``: latencies, errors, elapsed."""
+    raw = encode_request(model, image)
+    connections = [await Connection.open(port) for _ in range(concurrency)]
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def client(conn: Connection, first: bool) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline and len(latencies) < max_requests:
+            sent = time.perf_counter()
+            status, body = await conn.request(raw)
+            latencies.append(time.perf_counter() - sent)
+            if status != 200:
+                errors += 1
+            elif first:  # check one full answer per client
+                check_answer(body, model)
+                first = False
+
+    await asyncio.gather(*(client(conn, True) for conn in connections))
+    elapsed = time.perf_counter() - start
+    for conn in connections:
+        await conn.close()
+    return latencies, errors, elapsed
+
+
+async def scrape(port: int, model: str) -> tuple[float, float]:
+    """(runs, images in them) of /encode for a model, from the server's counters."""
+    conn = await Connection.open(port)
+    _, body = await conn.request(f"GET /metrics HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    await conn.close()
+    labels = f'{{endpoint="/encode",model="{model}"}}'
+    found = {}
+    for suffix in ("count", "sum"):
+        match = re.search(
+            rf"^recmix_run_batch_size_{suffix}{re.escape(labels)} (\S+)$", body.decode(), re.M
+        )
+        found[suffix] = float(match.group(1)) if match else 0.0
+    return found["count"], found["sum"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def memory_run(
+    port: int, pid: int, models: list[str], image: bytes, seconds: float, concurrency: int
+) -> list[tuple[float, float]]:
+    """(seconds, RSS MiB) sampled every second while both models are under load."""
+    samples = [(0.0, rss_mib(pid))]
+    start = time.perf_counter()
+
+    async def sampler() -> None:
+        while (now := time.perf_counter() - start) < seconds:
+            await asyncio.sleep(1.0)
+            samples.append((round(now + 1.0, 1), rss_mib(pid)))
+
+    per_model = max(1, concurrency // len(models))
+    loads = [burst(port, m, image, per_model, seconds, 10**9) for m in models]
+    results = await asyncio.gather(sampler(), *loads)
+    errors = sum(r[1] for r in results[1:])
+    if errors:
+        raise SystemExit(f"{errors} errors during the memory run")
+    return samples
+
+
+# ---------------------------------------------------------------- the run
+
+
+def summarize(cell: Cell) -> dict[str, Any]:
+    ms = np.array(cell.latencies) * 1e3
+    return {
+        "model": cell.model,
+        "server": cell.server,
+        "concurrency": cell.concurrency,
+        "requests": len(ms),
+        "errors": cell.errors,
+        "throughput_rps": len(ms) / cell.seconds,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "images_per_run": cell.run_images / cell.runs if cell.runs else None,
+        "server_cpu_ms_per_request": 1e3 * cell.cpu_seconds / len(ms),
+    }
+
+
+async def run(args: argparse.Namespace, ports: dict[str, int], pids: dict[str, int]) -> dict:
+    image = test_image(None)
+    cells = {
+        (model, server, c): Cell(model, server, c)
+        for model in args.models
+        for server in ports
+        for c in args.concurrency
+    }
+    for port in ports.values():  # warm up every server and model path
+        for model in args.models:
+            await burst(port, model, image, 8, 1.0, 500)
+    for round_index in range(args.rounds):
+        # alternate the order, so that no cell always follows the same one
+        order = list(cells.values()) if round_index % 2 == 0 else list(cells.values())[::-1]
+        for cell in order:
+            port = ports[cell.server]
+            runs0, images0 = await scrape(port, cell.model)
+            cpu0 = cpu_seconds(pids[cell.server])
+            latencies, errors, elapsed = await burst(
+                port, cell.model, image, cell.concurrency, args.seconds, args.max_requests
+            )
+            cell.cpu_seconds += cpu_seconds(pids[cell.server]) - cpu0
+            runs1, images1 = await scrape(port, cell.model)
+            cell.latencies += latencies
+            cell.errors += errors
+            cell.seconds += elapsed
+            cell.runs += runs1 - runs0
+            cell.run_images += images1 - images0
+        print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+    rows = [summarize(cell) for cell in cells.values()]
+    first = next(iter(ports))
+    memory = await memory_run(
+        ports[first], pids[first], args.models, image, args.memory_seconds, args.memory_concurrency
+    )
+    return {"rows": rows, "memory": memory}
+
+
+def targets(rows: list[dict], memory: list[tuple[float, float]], models: list[str]) -> dict:
+    """The figures the performance targets are about, from one interleaved run."""
+    by = {(r["model"], r["server"], r["concurrency"]): r for r in rows}
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    recmix, vae = models
+    out: dict[str, Any] = {}
+    for server in servers:
+        for c in (1, 32):
+            if (recmix, server, c) in by:
+                ratio = by[recmix, server, c]["p50_ms"] / by[vae, server, c]["p50_ms"]
+                out[f"p50 {recmix} / {vae}, concurrency {c}, {server}"] = ratio
+    if {"batching", "no-batching"} <= set(servers) and (recmix, "batching", 32) in by:
+        for model in models:
+            on, off = by[model, "batching", 32], by[model, "no-batching", 32]
+            out[f"throughput with / without batching, concurrency 32, {model}"] = (
+                on["throughput_rps"] / off["throughput_rps"]
+            )
+    out["errors"] = sum(r["errors"] for r in rows)
+    rss = np.array([m for _, m in memory])
+    settled = rss[len(rss) // 6 :]  # after the first tenth of a minute, allocations settle
+    out[f"RSS at start / after {memory[len(rss) // 6][0]:.0f} s / at end / max, MiB"] = (
+        f"{rss[0]:.1f} / {settled[0]:.1f} / {rss[-1]:.1f} / {rss.max():.1f}"
+    )
+    out["RSS growth after settling, MiB"] = float(settled[-1] - settled[0])
+    return out
+
+
+def markdown(report: dict, command: str) -> str:
+    lines = [
+        f"Made by `{command}` on {report['machine']}.",
+        "",
+        "| model | server | concurrency | requests | throughput (req/s) | p50 ms | p99 ms | "
+        "errors | images per run | server CPU ms per request |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        per_run = f"{r['images_per_run']:.1f}" if r["images_per_run"] else ""
+        lines.append(
+            f"| {r['model']} | {r['server']} | {r['concurrency']} | {r['requests']} | "
+            f"{r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['errors']} | {per_run} | {r['server_cpu_ms_per_request']:.2f} |"
+        )
+    t = report["targets"]
+    lines += ["", "| figure | value |", "|---|---|"]
+    for key, value in t.items():
+        lines.append(
+            f"| {key} | {value:.2f} |" if isinstance(value, float) else f"| {key} | {value} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    rows = report["rows"]
+    styles = ["-o", "--s", ":^", "-.v"]
+    for model in report["models"]:
+        for server, style in zip(report["servers"], styles, strict=False):
+            sel = sorted(
+                (r for r in rows if r["model"] == model and r["server"] == server),
+                key=lambda r: r["concurrency"],
+            )
+            c = [r["concurrency"] for r in sel]
+            label = f"{model}, {server}"
+            axes[0].plot(c, [r["throughput_rps"] for r in sel], style, label=label)
+            axes[1].plot(c, [r["p50_ms"] for r in sel], style, label=label)
+            axes[2].plot(c, [r["p99_ms"] for r in sel], style, label=label)
+    titles = ("throughput (req/s)", "p50 latency (ms)", "p99 latency (ms)")
+    concurrency = sorted({r["concurrency"] for r in rows})
+    for ax, title in zip(axes[:3], titles, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrency, [str(c) for c in concurrency])
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(f"/encode {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(bottom=0)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    seconds, mib = zip(*report["memory"], strict=True)
+    axes[3].plot(seconds, mib, "-")
+    axes[3].set_ylim(0, max(mib) * 1.2)
+    axes[3].set_xlabel("seconds under load")
+    axes[3].set_title(f"RSS (MiB) of the {next(iter(report['servers']))} server, both models")
+    axes[3].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Example: python scripts/bench_load.py --out results/load",
+    )
+    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models", nargs=2, default=["mnist-recmix", "mnist-vae"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per cell and round")
+    parser.add_argument("--max-requests", type=int, default=20_000, help="per cell and round")
+    parser.add_argument("--memory-seconds", type=float, default=60.0)
+    parser.add_argument("--memory-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--server",
+        action="append",
+        metavar="NAME=FLAGS",
+        help="a server to start: a name and its recmix-serve flags (repeat; default: "
+        f"{' and '.join(repr(s) for s in DEFAULT_SERVERS)})",
+    )
+    parser.add_argument("--out", type=Path, help="write load.md, load.json and load.png here")
+    args = parser.parse_args()
+    servers = dict(s.partition("=")[::2] for s in args.server or DEFAULT_SERVERS)
+
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    ports = {}
+    try:
+        for name, flags in servers.items():
+            ports[name] = free_port()
+            processes[name] = start_server(args.model_dir, ports[name], shlex.split(flags))
+        pids = {k: p.pid for k, p in processes.items()}
+        result = asyncio.run(run(args, ports, pids))
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            process.wait(timeout=30)
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}",
+        "models": args.models,
+        "servers": servers,
+        "settings": vars(args) | {"model_dir": str(args.model_dir), "out": str(args.out)},
+        **result,
+    }
+    report["targets"] = targets(report["rows"], report["memory"], args.models)
+    command = shlex.join(["python", "scripts/bench_load.py", *sys.argv[1:]])
+    text = markdown(report, command)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "load.md").write_text(text)
+        (args.out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot(report, args.out / "load.png")
+
+
+if __name__ == "__main__":
+    main()
