@@ -1,4 +1,4 @@
-"""`recmix-train bench`: test log-likelihood against inference time, the seed's Fig. 7.
+"""`recmix-train bench`: test log-likelihood against inference time (the authors' blog, Fig. 7).
 
 Kim & Pavlovic, *Recursive Inference for Variational Autoencoders*, NeurIPS 2020, compare RecMix
 with the VAE (Kingma & Welling 2014), SA-VAE (Kim et al. 2018), IAF (Kingma et al. 2016) and a
@@ -162,11 +162,12 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Test LL against inference time (batch 1 and batch 128), like the seed's Fig. 7."""
+    """Test LL against inference time at batch 1 and 128, as in the authors' blog (Fig. 7)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     methods = result["methods"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
@@ -179,13 +180,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.scatter(t, ll, s=60, zorder=3)
             ax.annotate(LABELS.get(name, name), (t, ll), textcoords="offset points", xytext=(6, 4))
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"inference time for {title} (ms, log scale)")
         ax.set_ylabel(f"test log-likelihood (S={result['config']['eval']['samples']})")
+        ax.margins(x=0.15, y=0.12)
         ax.grid(True, which="both", alpha=0.3)
-    epochs = sorted({r["epochs"] for r in methods.values()})
+    epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in methods.values()}))
+    machine = result["machine"]
+    where = machine["cuda"] if result["device"].startswith("cuda") else machine["cpu"]
     fig.suptitle(
-        f"MNIST, {'/'.join(map(str, epochs))} epochs; {result['machine']['cpu']}, "
-        f"{result['machine']['torch_threads']} thread(s): upper left is better"
+        f"MNIST, {epochs} epochs each; inference on {where}, {machine['torch_threads']} torch "
+        "thread(s); upper left is better"
     )
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,7 +4,8 @@ D. P. Kingma, T. Salimans, R. Jozefowicz, X. Chen, I. Sutskever and M. Welling, 
 Variational Inference with Inverse Autoregressive Flow*, NeurIPS 2016. The encoder gives
 (mean, logvar) and a context h; z_0 = mean + std * eps, then T steps, each a MADE-style masked
 autoregressive network (Germain et al. 2015) with h added to its first hidden layer:
-    [m_t, s_t] = AR_t(z_{t-1}, h),  sigma_t = sigmoid(s_t),  z_t = sigma_t * z_{t-1} + (1 - sigma_t) * m_t
+    [m_t, s_t] = AR_t(z_{t-1}, h),  sigma_t = sigmoid(s_t),
+    z_t = sigma_t * z_{t-1} + (1 - sigma_t) * m_t
 (their numerically stable form, eq. 14). Output i depends on z_{<i} only, so the Jacobian is
 triangular with diagonal sigma_t and log |det dz_t/dz_{t-1}| = sum_i log sigma_t,i; the order of
 z is reversed between steps. log q(z_T|x) = log N(z_0; mean, var) - sum_t sum_i log sigma_t,i.
@@ -100,7 +101,7 @@ class IAFPosterior:
     flow: IAFFlow
 
     def rsample(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reparameterized z_T (..., B, D) with log q(z_T|x) (..., B); n adds a leading dimension."""
+        """Reparameterized z_T (..., B, D) and log q(z_T|x) (..., B); n adds a leading dim."""
         z0 = self.base.rsample(n)
         z, log_det = self.flow(z0, self.context)
         return z, self.base.log_prob(z0) - log_det

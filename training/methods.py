@@ -11,7 +11,7 @@ from training.savae import SAVAE
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """vae, me, recmix: RecMixVAE; savae: SAVAE (Kim et al. 2018); iaf: IAFVAE (Kingma et al. 2016)."""
+    """The model class of cfg.method: RecMixVAE (vae, me, recmix), SAVAE or IAFVAE."""
     if cfg.method == "savae":
         return SAVAE(cfg)
     if cfg.method == "iaf":

@@ -103,7 +103,7 @@ class SAVAE(nn.Module):
         return DiagGaussian(mean, logvar)
 
     def encode(self, x: torch.Tensor) -> GaussianMixture:
-        """The refined Gaussian (k steps run here, even under torch.no_grad), as a mixture of one."""
+        """The refined Gaussian, as a mixture of one; the k steps run even under torch.no_grad."""
         q0 = self.encode_amortized(x)
         c = self.cfg
         mean, logvar, _ = refine(

@@ -11,7 +11,7 @@ The family of each method, and the parameters SVI optimizes, starting from the e
     component's mean and log-variance and the mixture's weight logits;
   - IAF: the flow's base Gaussian and its context h, with the flow's weights shared and fixed.
 `init="scratch"` instead optimizes one Gaussian starting from the prior N(0, I), whatever the
-method: plain SVI, the reference of the seed's Fig. 3.
+method: plain SVI, the reference of Fig. 3 of the authors' blog post.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def family(model: torch.nn.Module, x: torch.Tensor) -> tuple[ElboFn, list[torch.
     if isinstance(posterior, IAFPosterior):
         b = posterior.base
         flow = _frozen(model.flow)
-        return iaf_elbo(decoder, x, flow), [b.mean, b.logvar, posterior.context]  # type: ignore[arg-type]
+        return iaf_elbo(decoder, x, flow), [b.mean, b.logvar, posterior.context]
     raise TypeError(f"no SVI family for the posterior {type(posterior).__name__}")
 
 
@@ -134,7 +134,7 @@ def amortization_gap(
 
 
 def gap_summary(model: torch.nn.Module, x: torch.Tensor, cfg: EvalConfig) -> dict[str, Any]:
-    """Means over the images x of the encoder's ELBO, the ELBO after SVI and the gap, batch by batch."""
+    """Means over the images x of the encoder's ELBO, the ELBO after SVI and their gap."""
     sums = {"encoder_elbo": 0.0, "svi_elbo": 0.0, "gap": 0.0}
     negative = 0
     for i in range(0, len(x), cfg.batch_size):
