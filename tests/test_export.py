@@ -117,3 +117,46 @@ def test_corrupted_copy_is_refused(tmp_path, damage):
         (copy / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ModelRepositoryError):
         load_model_dir(copy)
+
+
+def test_export_refuses_a_method_it_cannot_serve(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_training_cli import TINY
+
+    run = [sys.executable, "-m", "training"]
+    train = subprocess.run(
+        [
+            *run,
+            "train",
+            "--method",
+            "iaf",
+            *TINY,
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "2",
+            "--eval-samples",
+            "0",
+            "--epoch-eval-images",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    out = subprocess.run(
+        [*run, "export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "m")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "cannot be exported" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "m").exists()

@@ -400,6 +400,12 @@ def export_checkpoint(
     from training.trainer import load_model
 
     model, state = load_model(checkpoint, "cpu")
+    if not isinstance(model, RecMixVAE):
+        raise ValueError(
+            f"{checkpoint}: method {model.cfg.method!r} cannot be exported: its inference is not a "
+            "feed-forward mixture of Gaussian encoders (SA-VAE takes gradient steps, IAF a flow); "
+            "export supports vae, me and recmix"
+        )
     dataset = state["train_config"]["dataset"]
     results_path = (
         Path(results_path) if results_path else Path(checkpoint).with_name("results.json")
