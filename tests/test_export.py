@@ -160,3 +160,12 @@ def test_export_refuses_a_method_it_cannot_serve(tmp_path):
     )
     assert out.returncode == 2 and "cannot be exported" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "m").exists()
+
+
+def test_exported_graphs_carry_no_source_paths(tiny_model_repo):
+    import onnx
+
+    for path in [*tiny_model_repo.rglob("*.onnx"), *(ROOT / "models").rglob("*.onnx")]:
+        proto = onnx.load(str(path), load_external_data=False)
+        assert not any(n.metadata_props or n.doc_string for n in proto.graph.node), path
+        assert b'File "' not in path.read_bytes(), path

@@ -164,6 +164,26 @@ def _export(
             verbose=False,
         )
     program.save(str(path))
+    _strip_debug_info(path)
+
+
+def _strip_debug_info(path: Path) -> None:
+    """Drop the exporter's per-node stack traces and doc strings: they name source files, not the model."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graphs = [proto.graph, *proto.functions]
+    for graph in graphs:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    for info in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]:
+        del info.metadata_props[:]
+    for init in proto.graph.initializer:
+        del init.metadata_props[:]
+    del proto.graph.metadata_props[:]
+    proto.doc_string = ""
+    onnx.save(proto, str(path))
 
 
 def _sha256(path: Path) -> str:
