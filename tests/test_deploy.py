@@ -557,15 +557,9 @@ def _wait_for(what: str, check: Any, proc: Any, log: Path, timeout: float) -> An
 
 
 @pytest.fixture(scope="module")
-def model_repo(request: pytest.FixtureRequest) -> Path:
-    """A small model repository: the suite's tiny one, else the shipped models."""
-    with contextlib.suppress(pytest.FixtureLookupError):
-        return Path(request.getfixturevalue("tiny_model_repo"))
-    from service.repository import discover
-
-    if discover(ROOT / "models"):
-        return ROOT / "models"
-    pytest.skip("no model repository: no tiny_model_repo fixture and no shipped models")
+def model_repo(tiny_model_repo: Path) -> Path:
+    """A small model repository: the suite's tiny models, exported by the real export code."""
+    return tiny_model_repo
 
 
 def _png(size: int) -> bytes:
