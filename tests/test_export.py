@@ -120,44 +120,27 @@ def test_corrupted_copy_is_refused(tmp_path, damage):
 
 
 def test_export_refuses_a_method_it_cannot_serve(tmp_path):
-    import subprocess
-    import sys
+    from tests.test_training_cli import TINY, run_cli
 
-    from tests.test_training_cli import TINY
-
-    run = [sys.executable, "-m", "training"]
-    train = subprocess.run(
-        [
-            *run,
-            "train",
-            "--method",
-            "iaf",
-            *TINY,
-            "--epochs",
-            "1",
-            "--limit-batches",
-            "2",
-            "--eval-samples",
-            "0",
-            "--epoch-eval-images",
-            "0",
-            "--out",
-            str(tmp_path),
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    train = run_cli(
+        "train",
+        "--method",
+        "iaf",
+        *TINY,
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "2",
+        "--eval-samples",
+        "0",
+        "--epoch-eval-images",
+        "0",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
     )
     assert train.returncode == 0, train.stderr[-2000:]
-    out = subprocess.run(
-        [*run, "export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "m")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_cli("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "m"))
     assert out.returncode == 2 and "cannot be exported" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "m").exists()
 
