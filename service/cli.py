@@ -84,6 +84,17 @@ def log_config(level: str) -> dict[str, Any]:
     return config
 
 
+def access_log(settings: Settings) -> bool:
+    """Whether uvicorn writes a line per request: off unless asked for, or at debug level.
+
+    Writing the line took about 50 us of server CPU per /encode at 32 clients, 12 % of it;
+    production servers leave it off by default (gunicorn) or offer to (``uvicorn
+    --no-access-log``), and the request metrics count requests by endpoint, model and status.
+    A ``Settings.access_log`` field, if defined, overrides the log level's choice.
+    """
+    return bool(getattr(settings, "access_log", settings.log_level == "debug"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
@@ -95,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "port": settings.port,
         "log_level": settings.log_level,
         "log_config": log_config(settings.log_level),
+        "access_log": access_log(settings),
         "timeout_graceful_shutdown": settings.graceful_timeout,
         "proxy_headers": False,
         "server_header": False,

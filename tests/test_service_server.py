@@ -18,7 +18,7 @@ import httpx
 import pytest
 from service_support import png
 
-from service.cli import settings_from_args
+from service.cli import access_log, settings_from_args
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +124,11 @@ def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         settings_from_args(["--encode-mode", "magic"])
 
 
+def test_access_log_only_at_debug_level() -> None:
+    assert access_log(settings_from_args([])) is False
+    assert access_log(settings_from_args(["--log-level", "debug"])) is True
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_concurrent_requests_over_http(server: ServerProcess) -> None:
@@ -153,6 +158,7 @@ def test_concurrent_requests_over_http(server: ServerProcess) -> None:
         'status_class="2xx"} 12.0'
     )
     assert line in metrics
+    assert '"POST /encode' not in server.output()  # no access log line per request by default
 
 
 @pytest.mark.slow
