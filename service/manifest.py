@@ -16,6 +16,10 @@ ONNX contract (what the export writes and the service runs):
   ``[batch, C, H, W]``, the Bernoulli logits of every pixel.
 - ``encoder_fused.onnx`` (role ``fused_encoder``, optional): input ``"x"``, outputs ``"means"``
   ``[batch, M, D]``, ``"logvars"`` ``[batch, M, D]`` and ``"log_weights"`` ``[batch, M]``.
+- Optionally, int8 copies of the encoder graphs (``encoder_{m}.int8.onnx``,
+  ``encoder_fused.int8.onnx``; ``precision = "int8"``): the same inputs and outputs, float32, with
+  the weights of every matmul quantized to int8 (onnxruntime dynamic quantization). ``quantization``
+  records what they cost in accuracy against the float32 graphs. The decoder is always float32.
 
 Mixture weights (RecMix, Kim & Pavlovic, NeurIPS 2020): ``Q_1 = q_1``,
 ``Q_m = (1 - eps_m) Q_{m-1} + eps_m q_m``, so ``w_M = eps_M`` and
@@ -39,6 +43,9 @@ MANIFEST_FILENAME = "manifest.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+Precision = Literal["float32", "int8"]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +64,9 @@ class FileEntry(_Strict):
     path: str = Field(description="relative to the model folder")
     role: Literal["encoder_component", "decoder", "fused_encoder"]
     component: int | None = Field(default=None, description="1-based; only for encoder_component")
+    precision: Precision = Field(
+        default="float32", description="the weights' precision; inputs and outputs are float32"
+    )
     sha256: str
     size_bytes: int = Field(gt=0)
     inputs: list[TensorSpec]
@@ -175,6 +185,23 @@ class Evaluation(_Strict):
     seed: int
 
 
+class Quantization(_Strict):
+    """How the int8 encoder graphs were made and what they cost against the float32 ones."""
+
+    method: str = Field(description="the quantization, in words")
+    num_images: int = Field(ge=1, description="test images the figures below were measured on")
+    max_abs_diff: dict[str, float] = Field(
+        description="largest absolute difference from the float32 graphs, per output"
+    )
+    mean_abs_diff: dict[str, float] = Field(description="mean absolute difference, per output")
+    num_samples: int = Field(ge=1, description="importance samples per image for the figure below")
+    log_likelihood_shift: float = Field(
+        description="mean over the images of log p(x) with the int8 encoders minus log p(x) with "
+        "the float32 ones (the same draws and decoder); negative is worse"
+    )
+    log_likelihood_shift_stderr: float = Field(ge=0)
+
+
 class Versions(_Strict):
     torch: str
     onnx: str
@@ -198,6 +225,7 @@ class Manifest(_Strict):
     weights: WeightSpec
     files: list[FileEntry]
     evaluation: Evaluation | None = None
+    quantization: Quantization | None = None
     versions: Versions
     created: str = Field(description="ISO 8601 timestamp")
 
@@ -218,16 +246,25 @@ class Manifest(_Strict):
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             raise ValueError("file paths must be unique")
-        components = sorted(f.component for f in self.files if f.role == "encoder_component")  # type: ignore[type-var]
-        if components != list(range(1, m_order + 1)):
-            raise ValueError(
-                f"encoder_component files must be numbered exactly 1..{m_order}, got {components}"
-            )
-        n_decoders = sum(f.role == "decoder" for f in self.files)
-        if n_decoders != 1:
-            raise ValueError(f"exactly one decoder file is needed, got {n_decoders}")
-        if sum(f.role == "fused_encoder" for f in self.files) > 1:
-            raise ValueError("at most one fused_encoder file is allowed")
+        decoders = [f for f in self.files if f.role == "decoder"]
+        if len(decoders) != 1:
+            raise ValueError(f"exactly one decoder file is needed, got {len(decoders)}")
+        if decoders[0].precision != "float32":
+            raise ValueError("the decoder must be float32")
+        encoders = [f for f in self.files if f.role != "decoder"]
+        for precision in ("float32", "int8"):
+            files = [f for f in encoders if f.precision == precision]
+            components = sorted(f.component for f in files if f.role == "encoder_component")  # type: ignore[type-var]
+            shipped = precision == "float32" or bool(files)
+            if shipped and components != list(range(1, m_order + 1)):
+                raise ValueError(
+                    f"{precision} encoder_component files must be numbered exactly "
+                    f"1..{m_order}, got {components}"
+                )
+            if sum(f.role == "fused_encoder" for f in files) > 1:
+                raise ValueError(f"at most one {precision} fused_encoder file is allowed")
+        if "int8" in self.precisions() and self.quantization is None:
+            raise ValueError("int8 encoder files need a 'quantization' record")
         w = self.weights
         if self.method == "vae" and (m_order != 1 or w.form != "single"):
             raise ValueError("method 'vae' needs mixture_order 1 and weights form 'single'")
@@ -238,21 +275,30 @@ class Manifest(_Strict):
         if w.form == "softmax" and len(w.logits or []) != m_order:
             raise ValueError(f"logits needs {m_order} values (one per component)")
         if w.epsilon == "amortized":
-            for f in self.components():
+            for f in self.components() + self.components("int8"):
                 if "eps_logit" not in f.output_names():
                     raise ValueError(f"{f.path}: amortized epsilon needs an 'eps_logit' output")
         return self
 
-    def components(self) -> list[FileEntry]:
-        """The encoder component files, in mixture order."""
-        found = [f for f in self.files if f.role == "encoder_component"]
+    def precisions(self) -> list[Precision]:
+        """The precisions the encoder is shipped in: always float32, perhaps int8."""
+        found = {f.precision for f in self.files if f.role == "encoder_component"}
+        return [p for p in ("float32", "int8") if p in found]  # type: ignore[misc]
+
+    def components(self, precision: Precision = "float32") -> list[FileEntry]:
+        """The encoder component files of a precision, in mixture order (none if not shipped)."""
+        found = [
+            f for f in self.files if f.role == "encoder_component" and f.precision == precision
+        ]
         return sorted(found, key=lambda f: f.component or 0)
 
     def decoder(self) -> FileEntry:
         return next(f for f in self.files if f.role == "decoder")
 
-    def fused(self) -> FileEntry | None:
-        return next((f for f in self.files if f.role == "fused_encoder"), None)
+    def fused(self, precision: Precision = "float32") -> FileEntry | None:
+        return next(
+            (f for f in self.files if f.role == "fused_encoder" and f.precision == precision), None
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:

@@ -39,7 +39,7 @@ from anyio import to_thread
 
 from service.batching import Batcher, OnDispatch
 from service.errors import InvalidParameter, ModelNotFound, NotReady
-from service.manifest import log_weights
+from service.manifest import Precision, log_weights
 from service.preprocess import ImageInput, ImageLimits, preprocess
 from service.repository import ModelFolder, ModelRepositoryError, discover, load_model_dir
 from service.settings import EncodeMode, Settings
@@ -304,6 +304,7 @@ class ModelRunner:
         executor: ThreadPoolExecutor | None,
         observer: Observer,
         decode_batch_size: int = 2048,
+        encoder_precision: Literal["auto", "float32", "int8"] = "float32",
     ) -> None:
         manifest = folder.manifest
         self.folder = folder
@@ -311,10 +312,17 @@ class ModelRunner:
         self.name = manifest.name
         self.observer = observer
         self.decode_batch_size = decode_batch_size
-        self.components = [factory.session(folder.path_of(f)) for f in manifest.components()]
+        self.precision: Precision = self._choose_precision(encoder_precision, factory.on_gpu)
+        self.components = [
+            factory.session(folder.path_of(f)) for f in manifest.components(self.precision)
+        ]
         self.decoder = factory.session(folder.path_of(manifest.decoder()))
-        fused_entry = manifest.fused()
-        self.fused = factory.session(folder.path_of(fused_entry)) if fused_entry else None
+        fused_entry = manifest.fused(self.precision)
+        self.fused = (
+            factory.session(folder.path_of(fused_entry))
+            if fused_entry is not None and encode_mode == "fused"
+            else None
+        )
         self.provider = self.decoder.get_providers()[0]
         self.amortized = manifest.weights.epsilon == "amortized"
         self._component_outputs = ["mean", "logvar"] + (["eps_logit"] if self.amortized else [])
@@ -325,14 +333,27 @@ class ModelRunner:
         if manifest.mixture_order == 1:
             encode_mode = "sequential"
         elif encode_mode == "fused" and self.fused is None:
-            encode_mode = "concurrent"
+            encode_mode = "sequential"
             log.warning(
-                "%s: exported without a fused graph; running components concurrently", self.name
+                "%s: exported without a fused graph; running the components one after another",
+                self.name,
             )
         if encode_mode == "concurrent" and executor is None:
             raise ValueError("concurrent encoding needs an executor")
         self.encode_mode: EncodeMode = encode_mode
         self.executor = executor
+
+    def _choose_precision(
+        self, requested: Literal["auto", "float32", "int8"], on_gpu: bool
+    ) -> Precision:
+        shipped = "int8" in self.manifest.precisions()
+        if requested == "int8" and not shipped:
+            log.warning("%s: no int8 encoder graphs in the model folder; using float32", self.name)
+        if requested == "int8" or (requested == "auto" and not on_gpu):
+            # onnxruntime's CUDA provider has no kernel for the int8 matmuls: on GPU they would
+            # run on the CPU, so auto keeps float32 there
+            return "int8" if shipped else "float32"
+        return "float32"
 
     @property
     def mixture_order(self) -> int:
@@ -542,8 +563,6 @@ class ModelRunner:
             x = np.zeros((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
             self.log_likelihood_batch([LoglikJob(x, samples, 0)])
             self.reconstruct_batch([ReconstructJob(x, "mean", 0)])
-        if self.fused is not None and self.encode_mode != "fused":
-            self.fused.run(None, {"x": x})
         return time.perf_counter() - start
 
 
@@ -610,6 +629,7 @@ class Runtime:
                     self._executor,
                     self.observer,
                     settings.decode_batch_size,
+                    settings.encoder_precision,
                 )
                 seconds = runner.warm_up()
             except Exception as exc:  # onnxruntime raises its own classes for a bad graph
@@ -624,12 +644,13 @@ class Runtime:
                 )
             self.models[runner.name] = runner
             log.info(
-                "loaded %s %s (%s, M=%d) on %s, encode mode %s, warmed up in %.3f s",
+                "loaded %s %s (%s, M=%d) on %s, %s encoder, encode mode %s, warmed up in %.3f s",
                 runner.name,
                 runner.manifest.version,
                 runner.manifest.method,
                 runner.mixture_order,
                 runner.provider,
+                runner.precision,
                 runner.encode_mode,
                 seconds,
             )

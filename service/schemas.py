@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.errors import BadRequest, InvalidInput
-from service.manifest import Evaluation, InputSpec, Manifest
+from service.manifest import Evaluation, InputSpec, Manifest, Quantization
 from service.preprocess import ImageInput, to_png
 from service.runtime import LogLikelihood, ModelRunner, Posterior, Reconstruction, Samples
 
@@ -167,9 +167,13 @@ class ModelSummary(BaseModel):
     latent_dim: int
     provider: str = Field(description="onnxruntime execution provider in use")
     encode_mode: str = Field(description="fused, concurrent or sequential")
+    encoder_precision: str = Field(description="float32 or int8: the encoder graphs in use")
     default: bool
     input: InputSpec
     evaluation: Evaluation | None
+    quantization: Quantization | None = Field(
+        description="what the int8 encoder graphs cost against float32, when the model has them"
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -281,7 +285,11 @@ def model_summary(runner: ModelRunner, default: bool) -> dict[str, Any]:
         "latent_dim": manifest.latent_dim,
         "provider": runner.provider,
         "encode_mode": runner.encode_mode,
+        "encoder_precision": runner.precision,
         "default": default,
         "input": manifest.input.model_dump(mode="json"),
         "evaluation": manifest.evaluation.model_dump(mode="json") if manifest.evaluation else None,
+        "quantization": (
+            manifest.quantization.model_dump(mode="json") if manifest.quantization else None
+        ),
     }

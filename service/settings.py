@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="how the M components run: fused graph, concurrent threads or sequential "
         "(fused falls back to concurrent for a model exported without a fused graph)",
     )
+    encoder_precision: Literal["auto", "float32", "int8"] = Field(
+        default="auto",
+        description="which encoder graphs to run: int8 (a model's int8 copies, measured against "
+        "float32 in its manifest), float32, or auto: int8 on CPU when the model ships them, float32 "
+        "otherwise and on GPU. The decoder is always float32",
+    )
     intra_op_threads: int = Field(
         default=1,
         ge=0,

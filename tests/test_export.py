@@ -61,6 +61,55 @@ def test_fused_graph_equals_the_component_graphs(tiny_model_repo, mnist_test_ima
     np.testing.assert_allclose(np.exp(lw).sum(1), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["tiny-recmix", "tiny-vae"])
+def test_int8_copies_are_listed_measured_and_close(tiny_model_repo, mnist_test_images, name):
+    folder = tiny_model_repo / name
+    manifest = Manifest.load(folder)
+    assert manifest.precisions() == ["float32", "int8"]
+    int8 = manifest.components("int8")
+    assert [e.component for e in int8] == list(range(1, manifest.mixture_order + 1))
+    assert all(e.path.endswith(".int8.onnx") for e in int8)
+    # a quarter of the weight bytes, give or take the graph
+    assert sum(e.size_bytes for e in int8) < 0.4 * sum(e.size_bytes for e in manifest.components())
+    q = manifest.quantization
+    assert q is not None and q.num_images == 64 and q.num_samples % manifest.mixture_order == 0
+    assert 0 < q.max_abs_diff["mean"] < 0.5 and q.mean_abs_diff["mean"] <= q.max_abs_diff["mean"]
+    assert abs(q.log_likelihood_shift) < 0.1
+    # the figures hold on images the export did not measure them on
+    x = mnist_test_images[100:164].numpy()
+    for f32, i8 in zip(manifest.components(), int8, strict=True):
+        a = _session(folder / f32.path).run(None, {"x": x})
+        b = _session(folder / i8.path).run(None, {"x": x})
+        assert np.abs(a[0] - b[0]).max() < 2 * q.max_abs_diff["mean"] + 1e-3
+        assert np.abs(a[0] - b[0]).max() > 0  # quantized: not the same graph
+    if manifest.mixture_order > 1:
+        fused = manifest.fused("int8")
+        assert fused is not None
+        means = _session(folder / fused.path).run(None, {"x": x})[0]
+        for i8 in int8:
+            mean = _session(folder / i8.path).run(None, {"x": x})[0]
+            np.testing.assert_allclose(means[:, i8.component - 1], mean, atol=1e-5)
+
+
+def test_int8_copies_can_be_skipped_or_refused(tmp_path, mnist_test_images, monkeypatch):
+    import training.export as export
+
+    model = make_tiny_model("recmix", 2)
+    folder = export_model(
+        model, tmp_path / "plain", parity_images=mnist_test_images[:16], int8=False
+    )
+    manifest = Manifest.load(folder)
+    assert manifest.precisions() == ["float32"] and manifest.quantization is None
+    assert not list(folder.glob("*.int8.onnx"))
+    # a limit no quantization can meet (it would have to gain a nat per image): not shipped
+    monkeypatch.setattr(export, "INT8_MAX_LOSS", -1.0)
+    folder = export_model(model, tmp_path / "refused", parity_images=mnist_test_images[:16])
+    manifest = Manifest.load(folder)
+    assert manifest.precisions() == ["float32"] and manifest.quantization is None
+    assert not list(folder.glob("*.int8.onnx"))
+    load_model_dir(folder)  # and the folder is still a valid model
+
+
 def test_export_fails_loudly_when_onnxruntime_disagrees(tmp_path, mnist_test_images):
     model = make_tiny_model("recmix", 2)
     folder = export_model(model, tmp_path / "m", parity_images=mnist_test_images[:16])

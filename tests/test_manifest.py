@@ -149,6 +149,47 @@ def test_inconsistent_manifest_is_rejected(model_dir: Path, mutate: Any) -> None
         Manifest.model_validate(raw)
 
 
+def _with_int8(raw: dict[str, Any], components: list[int]) -> dict[str, Any]:
+    for m in components:
+        entry = dict(raw["files"][m - 1], path=f"encoder_{m}.int8.onnx", precision="int8")
+        raw["files"].append(entry)
+    raw["quantization"] = {
+        "method": "int8 weights",
+        "num_images": 8,
+        "max_abs_diff": {"mean": 0.01},
+        "mean_abs_diff": {"mean": 0.001},
+        "num_samples": 30,
+        "log_likelihood_shift": -0.01,
+        "log_likelihood_shift_stderr": 0.01,
+    }
+    return raw
+
+
+def test_int8_files_are_a_second_complete_encoder(model_dir: Path) -> None:
+    manifest = Manifest.model_validate(_with_int8(_raw(model_dir), [3, 1, 2]))
+    assert manifest.precisions() == ["float32", "int8"]
+    assert [f.path for f in manifest.components("int8")] == [
+        f"encoder_{m}.int8.onnx" for m in (1, 2, 3)
+    ]
+    assert [f.path for f in manifest.components()] == [f"encoder_{m}.onnx" for m in (1, 2, 3)]
+    assert manifest.fused("int8") is None
+    with pytest.raises(ValidationError, match="int8 encoder_component files"):
+        Manifest.model_validate(_with_int8(_raw(model_dir), [1, 2]))
+    raw = _with_int8(_raw(model_dir), [1, 2, 3])
+    del raw["quantization"]
+    with pytest.raises(ValidationError, match="quantization"):
+        Manifest.model_validate(raw)
+    raw = _raw(model_dir)
+    raw["files"][-1]["precision"] = "int8"
+    with pytest.raises(ValidationError, match="decoder must be float32"):
+        Manifest.model_validate(raw)
+    raw = _raw(model_dir)
+    for entry in raw["files"][:3]:  # int8 only, no float32 encoder
+        entry["precision"] = "int8"
+    with pytest.raises(ValidationError, match="float32 encoder_component"):
+        Manifest.model_validate(_with_int8(raw, []))
+
+
 def test_file_paths_must_be_unique(model_dir: Path) -> None:
     raw = _raw(model_dir)
     raw["files"][1]["path"] = raw["files"][0]["path"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,23 +143,46 @@ def test_encode_vae_has_one_component_of_weight_one(client: TestClient) -> None:
     assert component["weight"] == 1.0
 
 
-def test_encode_equals_raw_onnxruntime(client: TestClient, tiny_model_repo: Path) -> None:
-    """The service's answer is the exported graphs' output for the same image."""
+@pytest.mark.parametrize("precision", ["auto", "float32", "int8"])
+def test_encode_equals_raw_onnxruntime(tiny_model_repo: Path, precision: str) -> None:
+    """The service's answer is the output of the graphs it says it runs, for the same image."""
     folder = tiny_model_repo / "tiny-recmix"
     manifest = Manifest.load(folder)
     pixels = digit(7)
     # the manifest's preprocessing, written out independently: [0, 1], threshold, NCHW
     x = (pixels.astype(np.float32) / 255.0 > manifest.input.threshold).astype(np.float32)
     x = x[None, None]
-    answer = client.post("/encode", files=_files(encoded(pixels))).json()["results"][0]
-    fused = ort.InferenceSession(str(folder / "encoder_fused.onnx"))
+    with _client(tiny_model_repo, encoder_precision=precision) as other:
+        running = other.get("/models/tiny-recmix").json()["encoder_precision"]
+        answer = other.post("/encode", files=_files(encoded(pixels))).json()["results"][0]
+    # on CPU, auto runs the int8 copies the model ships
+    assert running == ("float32" if precision == "float32" else "int8")
+    suffix = ".int8" if running == "int8" else ""
+    fused = ort.InferenceSession(str(folder / f"encoder_fused{suffix}.onnx"))
     _, _, log_w = fused.run(["means", "logvars", "log_weights"], {"x": x})
     for m, component in enumerate(answer["components"], start=1):
-        session = ort.InferenceSession(str(folder / f"encoder_{m}.onnx"))
+        session = ort.InferenceSession(str(folder / f"encoder_{m}{suffix}.onnx"))
         mean, logvar = session.run(["mean", "logvar"], {"x": x})[:2]
         np.testing.assert_allclose(component["mean"], mean[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(component["variance"], np.exp(logvar[0]), rtol=1e-5, atol=1e-6)
         assert component["weight"] == pytest.approx(float(np.exp(log_w[0, m - 1])), abs=1e-5)
+
+
+def test_int8_asked_of_a_model_without_it_runs_float32(
+    tmp_path: Path, tiny_model_repo: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_repo / "tiny-vae", repo / "tiny-vae")
+    manifest = Manifest.load(repo / "tiny-vae")
+    kept = [f for f in manifest.files if f.precision == "float32"]
+    for entry in manifest.files:
+        if entry.precision == "int8":
+            (repo / "tiny-vae" / entry.path).unlink()
+    manifest.model_copy(update={"files": kept, "quantization": None}).dump(repo / "tiny-vae")
+    with _client(repo, encoder_precision="int8", default_model="tiny-vae") as other:
+        detail = other.get("/models/tiny-vae").json()
+        assert detail["encoder_precision"] == "float32" and detail["quantization"] is None
+        assert other.post("/encode", files=_files(png(3))).status_code == 200
 
 
 @pytest.mark.parametrize("mode", ["fused", "concurrent"])

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_export.add_argument(
         "--no-fused", action="store_true", help="skip the fused all-components graph"
     )
+    p_export.add_argument(
+        "--no-int8",
+        action="store_true",
+        help="skip the int8 copies of the encoder graphs (by default written, measured against "
+        "float32 and recorded in the manifest)",
+    )
     return parser
 
 
@@ -161,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
             results_path=args.results,
             data_dir=args.data_dir,
             fused=not args.no_fused,
+            int8=not args.no_int8,
         )
         print(f"exported to {folder}")
         return 0
