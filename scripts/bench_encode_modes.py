@@ -39,7 +39,9 @@ from service.runtime import ModelRunner, SessionFactory
 EVICT_BYTES = 64 * 1024 * 1024  # twice this machine's L3 cache
 
 
-def runners(model_dir: Path, recmix: str, vae: str, threads: int) -> dict[str, ModelRunner]:
+def runners(
+    model_dir: Path, recmix: str, vae: str, threads: int, precision: Any
+) -> dict[str, ModelRunner]:
     factory = SessionFactory.choose("cpu", threads)
     pool = ThreadPoolExecutor(8, thread_name_prefix="component")
     mix, single = load_model_dir(model_dir / recmix), load_model_dir(model_dir / vae)
@@ -48,9 +50,15 @@ def runners(model_dir: Path, recmix: str, vae: str, threads: int) -> dict[str, M
         def observe_stage(self, *args: Any) -> None:
             pass
 
-    out = {"VAE": ModelRunner(single, factory, "sequential", pool, Quiet())}
+    def runner(folder: Any, mode: Any) -> ModelRunner:
+        made = ModelRunner(folder, factory, mode, pool, Quiet(), encoder_precision=precision)  # type: ignore[arg-type]
+        if made.precision != precision:
+            raise SystemExit(f"{folder.root}: no {precision} encoder graphs")
+        return made
+
+    out = {"VAE": runner(single, "sequential")}
     for mode in ("fused", "concurrent", "sequential"):
-        out[f"RecMix {mode}"] = ModelRunner(mix, factory, mode, pool, Quiet())
+        out[f"RecMix {mode}"] = runner(mix, mode)
     return out
 
 
@@ -65,10 +73,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=10, help="per variant, batch and round")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per session")
+    parser.add_argument(
+        "--precisions", nargs="+", default=["float32", "int8"], choices=["float32", "int8"]
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    variants = runners(args.model_dir, *args.models, args.threads)
+    variants = {
+        f"{name} {precision}": runner
+        for precision in args.precisions
+        for name, runner in runners(args.model_dir, *args.models, args.threads, precision).items()
+    }
     spec = next(iter(variants.values())).manifest.input
     rng = np.random.default_rng(0)
     evict = np.zeros(EVICT_BYTES // 8)
@@ -96,7 +111,7 @@ def main() -> None:
     rows = []
     for (name, batch, state), values in times.items():
         median = statistics.median(values)
-        vae = statistics.median(times["VAE", batch, state])
+        vae = statistics.median(times[f"VAE {name.rsplit(' ', 1)[1]}", batch, state])
         rows.append(
             {
                 "variant": name,
@@ -114,27 +129,30 @@ def main() -> None:
         f"{args.rounds} interleaved rounds, ms per `encode` call (× the VAE's).",
         "",
     ]
-    names = list(variants)
-    for state in ("cold", "warm"):
-        lines += [
-            f"**{state} cache**",
-            "",
-            "| batch | " + " | ".join(names) + " | fastest RecMix mode |",
-            "|---:|" + "---:|" * len(names) + "---|",
-        ]
-        for batch in args.batch_sizes:
-            cells = []
-            for name in names:
-                row = next(
-                    r
-                    for r in rows
-                    if (r["variant"], r["batch"], r["cache"]) == (name, batch, state)
-                )
-                cells.append(f"{row['median_ms']:.3f} ({row['ratio_to_vae']:.1f}×)")
-            recmix = {n: statistics.median(times[n, batch, state]) for n in names[1:]}
-            best = min(recmix, key=lambda n: recmix[n]).removeprefix("RecMix ")
-            lines.append(f"| {batch} | " + " | ".join(cells) + f" | {best} |")
-        lines.append("")
+    for precision in args.precisions:
+        names = [n for n in variants if n.endswith(f" {precision}")]
+        for state in ("cold", "warm"):
+            lines += [
+                f"**{precision} encoders, {state} cache**",
+                "",
+                "| batch | "
+                + " | ".join(n.removesuffix(f" {precision}") for n in names)
+                + " | fastest RecMix mode |",
+                "|---:|" + "---:|" * len(names) + "---|",
+            ]
+            for batch in args.batch_sizes:
+                cells = []
+                for name in names:
+                    row = next(
+                        r
+                        for r in rows
+                        if (r["variant"], r["batch"], r["cache"]) == (name, batch, state)
+                    )
+                    cells.append(f"{row['median_ms']:.3f} ({row['ratio_to_vae']:.1f}×)")
+                recmix = {n: statistics.median(times[n, batch, state]) for n in names[1:]}
+                best = min(recmix, key=lambda n: recmix[n]).split(" ")[1]
+                lines.append(f"| {batch} | " + " | ".join(cells) + f" | {best} |")
+            lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -1,8 +1,9 @@
 """Load benchmark of /encode: throughput and latency under concurrency, with and without batching.
 
 Starts ``recmix-serve`` processes on free loopback ports, all serving the model repository: by
-default one with the default settings (dynamic batching on) and one with batching off
-(``--max-queue-delay-ms 0``); ``--server NAME=FLAGS`` names others (to compare encode modes, say).
+default one with the default settings (dynamic batching on, int8 encoder graphs on CPU), one with
+batching off (``--max-queue-delay-ms 0``), and the same two with the float32 encoder graphs;
+``--server NAME=FLAGS`` names others (to compare encode modes, say).
 Then, in interleaved rounds (every cell once per round, so that all cells see the same machine
 state), it runs closed-loop load against each: C clients, each with one keep-alive connection,
 sending one image per request and the next as soon as the answer is read. Every cell is bounded
@@ -40,7 +41,12 @@ from typing import Any
 import numpy as np
 from bench_latency import HOST, free_port, start_server, test_image
 
-DEFAULT_SERVERS = ["batching=", "no-batching=--max-queue-delay-ms 0"]  # name=recmix-serve flags
+DEFAULT_SERVERS = [  # name=recmix-serve flags: the defaults (int8 encoders on CPU), then float32
+    "batching=",
+    "no-batching=--max-queue-delay-ms 0",
+    "float32 batching=--encoder-precision float32",
+    "float32 no-batching=--encoder-precision float32 --max-queue-delay-ms 0",
+]
 
 
 # ---------------------------------------------------------------- a lean HTTP/1.1 client
@@ -244,12 +250,16 @@ def targets(rows: list[dict], memory: list[tuple[float, float]], models: list[st
             if (recmix, server, c) in by:
                 ratio = by[recmix, server, c]["p50_ms"] / by[vae, server, c]["p50_ms"]
                 out[f"p50 {recmix} / {vae}, concurrency {c}, {server}"] = ratio
-    if {"batching", "no-batching"} <= set(servers) and (recmix, "batching", 32) in by:
+    for server in servers:  # "X batching" against "X no-batching"
+        unbatched = server.replace("no-batching", "").replace("batching", "no-batching")
+        if "no-batching" in server or unbatched not in servers:
+            continue
         for model in models:
-            on, off = by[model, "batching", 32], by[model, "no-batching", 32]
-            out[f"throughput with / without batching, concurrency 32, {model}"] = (
-                on["throughput_rps"] / off["throughput_rps"]
-            )
+            if (model, server, 32) in by and (model, unbatched, 32) in by:
+                on, off = by[model, server, 32], by[model, unbatched, 32]
+                out[f"throughput {server} / {unbatched}, concurrency 32, {model}"] = (
+                    on["throughput_rps"] / off["throughput_rps"]
+                )
     out["errors"] = sum(r["errors"] for r in rows)
     rss = np.array([m for _, m in memory])
     settled = rss[len(rss) // 6 :]  # after the first tenth of a minute, allocations settle

@@ -82,6 +82,11 @@ def test_int8_copies_are_listed_measured_and_close(tiny_model_repo, mnist_test_i
         b = _session(folder / i8.path).run(None, {"x": x})
         assert np.abs(a[0] - b[0]).max() < 2 * q.max_abs_diff["mean"] + 1e-3
         assert np.abs(a[0] - b[0]).max() > 0  # quantized: not the same graph
+        # an image's answer does not depend on the other images in its batch (the activations
+        # are quantized per row), so batching requests together leaves each answer alone
+        alone = _session(folder / i8.path).run(None, {"x": x[5:6]})
+        np.testing.assert_allclose(alone[0][0], b[0][5], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(alone[1][0], b[1][5], rtol=1e-5, atol=1e-5)
     if manifest.mixture_order > 1:
         fused = manifest.fused("int8")
         assert fused is not None
