@@ -207,17 +207,21 @@ class ErrorResponse(BaseModel):
 # ---------------------------------------------------------------- runtime results to answers
 
 
-def _image_array(probabilities: np.ndarray) -> list[Any]:
-    """(C, H, W) to nested [H][W] for one channel, [H][W][C] otherwise (the input convention)."""
+# The answers hold numpy arrays as they are (float32 for the encoders' and decoder's outputs);
+# the service's JSON response writes them (see service.api.FastJSONResponse).
+
+
+def _image_array(probabilities: np.ndarray) -> np.ndarray:
+    """(C, H, W) to [H][W] for one channel, [H][W][C] otherwise (the input convention)."""
     if probabilities.shape[0] == 1:
-        return probabilities[0].tolist()  # type: ignore[no-any-return]
-    return probabilities.transpose(1, 2, 0).tolist()  # type: ignore[no-any-return]
+        return probabilities[0]
+    return np.ascontiguousarray(probabilities.transpose(1, 2, 0))
 
 
 def encode_answer(runner: ModelRunner, posterior: Posterior) -> dict[str, Any]:
-    weights = posterior.weights.tolist()
-    means = posterior.means.tolist()
-    variances = np.exp(posterior.logvars).tolist()
+    weights = posterior.weights.tolist()  # float64: they sum to 1
+    means = posterior.means
+    variances = np.exp(posterior.logvars)
     results = [
         {
             "components": [
@@ -250,7 +254,7 @@ def sample_answer(
         for s in range(samples.z.shape[1]):
             item: dict[str, Any] = {
                 "component": int(samples.components[b, s]),
-                "z": samples.z[b, s].tolist(),
+                "z": samples.z[b, s],
             }
             if samples.probabilities is not None:
                 image = samples.probabilities[b, s]

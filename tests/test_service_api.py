@@ -15,11 +15,15 @@ import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import BaseModel
 from service_support import digit, encoded, png, settings_for
 
+from service import schemas
+from service.api import FastJSONResponse
 from service.app import create_app
 from service.manifest import Manifest
 from service.metrics import METRIC_NAMES
+from service.preprocess import preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -544,3 +548,69 @@ def test_error_bodies_are_json_everywhere(client: TestClient) -> None:
     ):
         assert response.headers["content-type"] == "application/json"
         assert set(json.loads(response.content)) == {"error"}
+
+
+# ---------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize(
+    ("url", "schema"),
+    [
+        ("/encode", schemas.EncodeResponse),
+        ("/encode?model=tiny-vae", schemas.EncodeResponse),
+        ("/reconstruct?format=json", schemas.ReconstructResponse),
+        ("/reconstruct?format=json&mode=sample&seed=1", schemas.ReconstructResponse),
+        ("/sample?n=3&seed=1", schemas.SampleResponse),
+        ("/sample?n=2&decode=true&seed=1", schemas.SampleResponse),
+        ("/sample?n=2&decode=true&image_format=json&seed=1", schemas.SampleResponse),
+        ("/loglik?num_samples=30&seed=1", schemas.LoglikResponse),
+    ],
+)
+def test_answers_match_their_documented_schemas(
+    client: TestClient, url: str, schema: type[BaseModel]
+) -> None:
+    response = client.post(url, files=_files(png(1), png(2)))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    schema.model_validate_json(response.content, strict=True)
+
+
+def test_encode_answer_holds_the_runtimes_float32_values(
+    client: TestClient, recmix: Manifest
+) -> None:
+    """The JSON's numbers are exactly the runtime's float32 outputs, weights float64."""
+    data = png(4)
+    answer = client.post("/encode", files=_files(data)).json()["results"][0]["components"]
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    x = preprocess([data], recmix.input, runtime.limits)
+    assert x is not None
+    posterior = runtime.model("tiny-recmix").encode(x)
+    means = np.array([c["mean"] for c in answer], dtype=np.float32)
+    variances = np.array([c["variance"] for c in answer], dtype=np.float32)
+    np.testing.assert_array_equal(means, posterior.means[0])
+    np.testing.assert_array_equal(variances, np.exp(posterior.logvars[0]))
+    assert [c["weight"] for c in answer] == posterior.weights[0].tolist()
+
+
+def test_json_answers_write_arrays_of_every_layout() -> None:
+    """Numpy arrays and scalars as JSON; a view that is not C-contiguous goes through lists."""
+    grid = np.arange(6, dtype=np.float32).reshape(2, 3) / 10
+    content = {
+        "f32": grid,
+        "view": grid.T,
+        "f64": np.float64(0.1),
+        "int": np.int64(3),
+        "none": None,
+        "nested": [[grid[0]], {"z": np.zeros(2)}],
+        "nan": np.float32("nan"),
+    }
+    body = json.loads(FastJSONResponse(content).body)
+    assert body == {
+        "f32": [[0.0, 0.1, 0.2], [0.3, 0.4, 0.5]],
+        "view": np.float64(grid.T).tolist(),
+        "f64": 0.1,
+        "int": 3,
+        "none": None,
+        "nested": [[[0.0, 0.1, 0.2]], {"z": [0.0, 0.0]}],
+        "nan": None,
+    }
