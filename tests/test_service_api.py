@@ -96,6 +96,9 @@ def test_openapi_and_docs(client: TestClient) -> None:
         assert path in schema["paths"]
     body = schema["paths"]["/encode"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
+    for path in ("/encode", "/reconstruct", "/sample", "/loglik"):
+        parameters = {p["name"]: p for p in schema["paths"][path]["post"]["parameters"]}
+        assert parameters["model"]["in"] == "query" and parameters["model"]["description"]
     assert client.get("/docs").status_code == 200
 
 
@@ -328,6 +331,8 @@ def test_loglik_sample_counts(client: TestClient) -> None:
 def test_unknown_model(client: TestClient) -> None:
     error = _error(client.post("/encode?model=nope", files=_files(png())), 404, "model_not_found")
     assert "tiny-recmix" in error["message"]  # says what exists
+    # looked up before the route's own parameters are checked
+    _error(client.post("/sample?model=nope&n=0", files=_files(png())), 404, "model_not_found")
 
 
 def test_unsupported_body_type(client: TestClient) -> None:
@@ -462,8 +467,9 @@ def test_api_key(tiny_model_repo: Path) -> None:
         assert ok.status_code == 200
         bearer = {"Authorization": "Bearer s3cret"}
         assert locked.post("/sample", files=_files(png()), headers=bearer).status_code == 200
-        # checked before anything else: an unknown model is still a 401 without the key
+        # checked before anything else: an unknown model or a bad parameter is still a 401
         _error(locked.post("/encode?model=nope", files=_files(png())), 401, "unauthorized")
+        _error(locked.post("/loglik?num_samples=0", files=_files(png())), 401, "unauthorized")
         for open_path in ("/healthz", "/readyz", "/metrics", "/models"):
             assert locked.get(open_path).status_code == 200
 
