@@ -16,8 +16,7 @@ The steps, in order, each driven by the manifest's ``input`` spec:
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -73,7 +72,7 @@ def preprocess(
     opened: list[Image.Image | np.ndarray] = []
     pixels = 0
     for i, item in enumerate(inputs):
-        with _naming(i, len(inputs)):
+        try:
             if isinstance(item, bytes | bytearray):
                 image = open_image(bytes(item), limits)
                 pixels += image.size[0] * image.size[1]
@@ -81,29 +80,40 @@ def preprocess(
             else:
                 pixels += item.shape[0] * item.shape[1] if item.ndim >= 2 else item.size
                 opened.append(item)
+        except ServiceError as exc:
+            _name(exc, i, len(inputs))
+            raise
     if pixel_budget is not None and pixels > pixel_budget:
         return None
     batch = np.empty((len(inputs), spec.channels, spec.height, spec.width), dtype=np.float32)
     for i, source in enumerate(opened):
-        with _naming(i, len(inputs)):
-            if isinstance(source, Image.Image):
-                intensities = _intensities_of_image(load_image(source), spec.channels)
-            else:
-                intensities = _intensities_of_array(source, spec.channels, limits)
-            batch[i] = _fit(intensities, spec, limits)
+        try:
+            batch[i] = _model_input(source, spec, limits)
+        except ServiceError as exc:
+            _name(exc, i, len(inputs))
+            raise
     return batch
 
 
-@contextmanager
-def _naming(index: int, count: int) -> Iterator[None]:
+def _name(exc: ServiceError, index: int, count: int) -> None:
     """Name the image at fault in an error, when a request holds several."""
-    try:
-        yield
-    except ServiceError as exc:
-        if count > 1:
-            exc.message = f"image {index}: {exc.message}"
-            exc.details["image"] = index
-        raise
+    if count > 1:
+        exc.message = f"image {index}: {exc.message}"
+        exc.details["image"] = index
+
+
+def _model_input(
+    source: Image.Image | np.ndarray, spec: InputSpec, limits: ImageLimits
+) -> np.ndarray:
+    """One opened image, or a pixel array, as the model's input: float32 ``(C, H, W)``."""
+    if isinstance(source, np.ndarray):
+        return _fit(_intensities_of_array(source, spec.channels, limits), spec, limits)
+    image = load_image(source)
+    if image.size == (spec.width, spec.height):
+        levels = _levels_of_image(image, spec.channels)
+        if levels is not None:  # 8-bit at the model's size: a table look-up
+            return _level_table(spec.binarize, spec.threshold, spec.value_range)[levels]
+    return _fit(_intensities_of_image(image, spec.channels), spec, limits)
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -152,19 +162,29 @@ def load_image(image: Image.Image) -> Image.Image:
     return image
 
 
+def _levels_of_image(image: Image.Image, channels: int) -> np.ndarray | None:
+    """A decoded image's 8-bit levels, uint8 ``(C, h, w)``; None for 16/32-bit or float pixels."""
+    mode = image.mode
+    if mode == "F" or mode.startswith("I"):
+        return None
+    target = "L" if channels == 1 else "RGB"
+    if mode != target:  # convert() copies even an image already in the target mode
+        image = image.convert(target)
+    # tobytes() and a view: the same bytes as np.asarray(image), for less
+    levels = np.frombuffer(image.tobytes(), dtype=np.uint8)
+    return levels.reshape(image.height, image.width, channels).transpose(2, 0, 1)
+
+
 def _intensities_of_image(image: Image.Image, channels: int) -> np.ndarray:
     """A decoded image as float32 ``(C, h, w)`` intensities in [0, 1]."""
-    mode = image.mode
-    if mode == "F":
+    levels = _levels_of_image(image, channels)
+    if levels is not None:
+        return np.ascontiguousarray(levels, dtype=np.float32) / 255.0
+    if image.mode == "F":
         return _intensities_of_array(np.asarray(image, dtype=np.float64), channels, None)
-    if mode.startswith("I"):  # 16- or 32-bit integer grayscale
-        gray = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-        return np.repeat(gray[None], channels, axis=0)
-    if channels == 1:
-        gray = image if mode == "L" else image.convert("L")  # convert() copies even an L image
-        return (np.asarray(gray, dtype=np.float32) / 255.0)[None]
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    # 16- or 32-bit integer grayscale
+    gray = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+    return np.repeat(gray[None], channels, axis=0)
 
 
 def _intensities_of_array(
@@ -217,12 +237,30 @@ def _fit(pixels: np.ndarray, spec: InputSpec, limits: ImageLimits) -> np.ndarray
             ]
         )
         np.clip(pixels, 0.0, 1.0, out=pixels)  # bicubic overshoots
-    if spec.binarize == "threshold":
-        pixels = (pixels > spec.threshold).astype(np.float32)
-    low, high = spec.value_range
+    return _binarize_and_map(pixels, spec.binarize, spec.threshold, spec.value_range)
+
+
+def _binarize_and_map(
+    pixels: np.ndarray, binarize: str, threshold: float, value_range: tuple[float, float]
+) -> np.ndarray:
+    """Binarize float32 intensities (or not) and map [0, 1] onto value_range, element-wise."""
+    if binarize == "threshold":
+        pixels = (pixels > threshold).astype(np.float32)
+    low, high = value_range
     if (low, high) != (0.0, 1.0):
         pixels = low + (high - low) * pixels
     return pixels
+
+
+@cache
+def _level_table(binarize: str, threshold: float, value_range: tuple[float, float]) -> np.ndarray:
+    """The model input each 8-bit level becomes. An 8-bit image at the model's size would go
+    through these very float32 operations, element by element, so looking its levels up in the
+    table gives exactly their results, in a quarter of the time."""
+    intensities = np.arange(256, dtype=np.float32) / 255.0
+    table = np.array(_binarize_and_map(intensities, binarize, threshold, value_range))
+    table.flags.writeable = False  # shared by every request
+    return table
 
 
 def to_png(probabilities: np.ndarray) -> bytes:

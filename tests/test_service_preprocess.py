@@ -112,6 +112,41 @@ def test_threshold_none_and_value_range() -> None:
     )
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "1"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(
+    ("binarize", "value_range"), [("threshold", (0.0, 1.0)), ("none", (-1.0, 1.0))]
+)
+def test_an_8_bit_image_at_the_models_size_gets_what_the_float_path_gives(
+    mode: str, channels: int, binarize: str, value_range: tuple[float, float]
+) -> None:
+    """Such images go through a 256-level table instead: the same values, every level."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = np.stack([levels, levels.T, 255 - levels], axis=-1)
+    image = Image.fromarray(rgb).convert(mode)
+    spec = InputSpec(
+        channels=channels,
+        height=16,
+        width=16,
+        color="grayscale" if channels == 1 else "rgb",
+        binarize=binarize,  # type: ignore[arg-type]
+        value_range=value_range,
+        description="test",
+    )
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    x = preprocess([out.getvalue()], spec, LIMITS)
+    # the float32 operations of any other image, written out
+    decoded = Image.open(io.BytesIO(out.getvalue())).convert("L" if channels == 1 else "RGB")
+    intensities = np.asarray(decoded, dtype=np.float32).reshape(16, 16, channels) / 255.0
+    if binarize == "threshold":
+        intensities = (intensities > 0.5).astype(np.float32)
+    else:
+        intensities = -1.0 + 2.0 * intensities
+    assert x.dtype == np.float32 and x.shape == (1, channels, 16, 16)
+    np.testing.assert_array_equal(x[0], intensities.transpose(2, 0, 1))
+
+
 def test_refusals() -> None:
     with pytest.raises(UnsupportedMediaType):
         preprocess([b"\x00\x01 not an image"], GRAY, LIMITS)
