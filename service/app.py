@@ -73,7 +73,7 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        in_flight = self.metrics.in_flight.labels(endpoint)
+        in_flight = self.metrics.child(self.metrics.in_flight, endpoint)
         in_flight.inc()
         start = time.perf_counter()
         try:
@@ -81,9 +81,9 @@ class MetricsMiddleware:
         finally:
             in_flight.dec()
             model = scope.get("state", {}).get("model_name", "")
-            self.metrics.request_duration.labels(endpoint, model, f"{status // 100}xx").observe(
-                time.perf_counter() - start
-            )
+            self.metrics.child(
+                self.metrics.request_duration, endpoint, model, f"{status // 100}xx"
+            ).observe(time.perf_counter() - start)
 
 
 class BodyLimitMiddleware:

@@ -5,6 +5,8 @@ The names in :data:`METRIC_NAMES` are a contract with the dashboards: rename not
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -38,6 +40,7 @@ METRIC_NAMES = (
 )
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 class Metrics:
@@ -102,18 +105,30 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, remembered: prometheus_client checks the labels and takes a
+        lock on every call (about 1 us, several times a request); the label values come from
+        fixed sets, so the few children are kept."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found  # type: ignore[no-any-return]
+
     def observe_stage(self, model: str, stage: str, seconds: float) -> None:
-        self.inference_duration.labels(model, stage).observe(seconds)
+        self.child(self.inference_duration, model, stage).observe(seconds)
 
     def observe_batch(self, model: str, operation: str, size: int) -> None:
         # the runtime's operations are named after their endpoints
-        self.batch_size.labels(model, f"/{operation}").observe(size)
+        self.child(self.batch_size, model, f"/{operation}").observe(size)
 
     def observe_queue(self, model: str, operation: str, seconds: float) -> None:
-        self.queue_duration.labels(model, f"/{operation}").observe(seconds)
+        self.child(self.queue_duration, model, f"/{operation}").observe(seconds)
 
     def observe_run(self, model: str, operation: str, rows: int) -> None:
-        self.run_size.labels(model, f"/{operation}").observe(rows)
+        self.child(self.run_size, model, f"/{operation}").observe(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,7 +22,7 @@ from service import schemas
 from service.api import FastJSONResponse
 from service.app import create_app
 from service.manifest import Manifest
-from service.metrics import METRIC_NAMES
+from service.metrics import METRIC_NAMES, Metrics
 from service.preprocess import preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -543,6 +543,16 @@ def test_apps_have_separate_registries(tiny_model_repo: Path) -> None:
         create_app(settings_for(tiny_model_repo)),
     )
     assert first.state.metrics.registry is not second.state.metrics.registry
+
+
+def test_metric_children_are_remembered() -> None:
+    metrics = Metrics()
+    child = metrics.child(metrics.request_duration, "/encode", "tiny-vae", "2xx")
+    assert child is metrics.child(metrics.request_duration, "/encode", "tiny-vae", "2xx")
+    assert child is metrics.request_duration.labels("/encode", "tiny-vae", "2xx")
+    assert metrics.child(metrics.in_flight, "/encode") is not metrics.child(
+        metrics.in_flight, "/sample"
+    )
 
 
 def test_error_bodies_are_json_everywhere(client: TestClient) -> None:
