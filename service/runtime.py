@@ -618,7 +618,7 @@ class Runtime:
         if len(set(names)) != len(names):
             raise StartupError(f"two model folders share a name: {sorted(names)}")
         largest = max(folder.manifest.mixture_order for folder in checked)
-        if largest > 1 and settings.encode_mode in ("concurrent", "fused"):
+        if largest > 1 and settings.encode_mode == "concurrent":
             self._executor = ThreadPoolExecutor(largest, thread_name_prefix="recmix-component")
         for folder in checked:
             try:

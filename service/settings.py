@@ -5,16 +5,15 @@ flag of ``recmix-serve`` (``--model-dir``); a flag wins over the environment, wh
 default here. Settings are built by :func:`service.app.create_app` or the command line, never at
 import time.
 
-``encode_mode`` defaults to ``sequential``, the fastest on CPU at every batch size dynamic
-batching makes. ``python scripts/bench_encode_modes.py`` (the service's own encode on the shipped
-models, four 784-500-500-50 components, one intra-op thread, a 2-core CPU shared with other work),
-ms per call at batch 1 / 32 with the weights evicted from the caches before each call, as between
-requests: sequential 0.80 / 2.39, concurrent threads 0.90 / 2.55, fused graph 0.92 / 2.88; the
-VAE's encoder 0.28 / 0.71. With warm caches the order is the same. In the fused graph the second
-layers run as one batched matrix product, which onnxruntime's profiler puts at 1.6 times the time
-of the four components' plain ones; threads cost more in hand-offs than they save on two cores
-(``concurrent`` may pay off with cores to spare, or on a GPU). Over HTTP, where the encoder is a
-small part of a request, the modes are within a few per cent of each other (``results/load``).
+``encode_mode`` defaults to ``fused``: all M components in one onnxruntime call. Over HTTP, with
+the int8 encoders and batching on (``python scripts/bench_load.py --concurrency 1 --server
+sequential= --server fused="--encode-mode fused" --server concurrent="--encode-mode concurrent"``),
+RecMix's /encode p50 at concurrency 1 was 0.74 ms fused, 0.78 ms sequential and 0.94 ms with
+threads (the VAE 0.61 ms), and at 8 clients fused served 9 % more requests than sequential; at 32
+they were level. Timing ``encode`` alone (``scripts/bench_encode_modes.py``) the two are level
+with warm caches, and sequential is ahead with the weights evicted before every call, which is
+not the state a serving process keeps them in. Threads (``concurrent``) cost more in hand-offs
+than they save on two cores; they may pay off with cores to spare, or on a GPU.
 """
 
 from __future__ import annotations
@@ -68,9 +67,9 @@ class Settings(BaseSettings):
         default="auto", description="onnxruntime execution provider: auto picks CUDA when available"
     )
     encode_mode: EncodeMode = Field(
-        default="sequential",
+        default="fused",
         description="how the M components run: fused graph, concurrent threads or sequential "
-        "(fused falls back to concurrent for a model exported without a fused graph)",
+        "(fused falls back to sequential for a model exported without a fused graph)",
     )
     encoder_precision: Literal["auto", "float32", "int8"] = Field(
         default="auto",

@@ -82,8 +82,8 @@ def test_models(client: TestClient, tiny_model_repo: Path) -> None:
     recmix = by_name["tiny-recmix"]
     assert recmix["mixture_order"] == 3 and recmix["default"] is True
     assert recmix["provider"] == "CPUExecutionProvider"
-    assert recmix["encode_mode"] == "sequential"  # the default: measured fastest on CPU
-    assert by_name["tiny-vae"]["encode_mode"] == "sequential"
+    assert recmix["encode_mode"] == "fused"  # the default: measured fastest over HTTP on CPU
+    assert by_name["tiny-vae"]["encode_mode"] == "sequential"  # one component: nothing to fuse
     detail = client.get("/models/tiny-recmix").json()
     on_disk = Manifest.load(tiny_model_repo / "tiny-recmix")
     assert Manifest.model_validate(detail["manifest"]) == on_disk
@@ -175,31 +175,53 @@ def test_encode_equals_raw_onnxruntime(tiny_model_repo: Path, precision: str) ->
         assert component["weight"] == pytest.approx(float(np.exp(log_w[0, m - 1])), abs=1e-5)
 
 
+def _copy_without(repo: Path, source: Path, drop: Any) -> Path:
+    """A copy of a model folder without the files ``drop(entry)`` picks (manifest updated)."""
+    folder = repo / source.name
+    shutil.copytree(source, folder)
+    manifest = Manifest.load(folder)
+    kept = [f for f in manifest.files if not drop(f)]
+    for entry in manifest.files:
+        if drop(entry):
+            (folder / entry.path).unlink()
+    int8_left = any(f.precision == "int8" for f in kept)
+    update = {"files": kept} if int8_left else {"files": kept, "quantization": None}
+    manifest.model_copy(update=update).dump(folder)
+    return folder
+
+
 def test_int8_asked_of_a_model_without_it_runs_float32(
     tmp_path: Path, tiny_model_repo: Path
 ) -> None:
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_model_repo / "tiny-vae", repo / "tiny-vae")
-    manifest = Manifest.load(repo / "tiny-vae")
-    kept = [f for f in manifest.files if f.precision == "float32"]
-    for entry in manifest.files:
-        if entry.precision == "int8":
-            (repo / "tiny-vae" / entry.path).unlink()
-    manifest.model_copy(update={"files": kept, "quantization": None}).dump(repo / "tiny-vae")
-    with _client(repo, encoder_precision="int8", default_model="tiny-vae") as other:
+    _copy_without(tmp_path, tiny_model_repo / "tiny-vae", lambda f: f.precision == "int8")
+    with _client(tmp_path, encoder_precision="int8", default_model="tiny-vae") as other:
         detail = other.get("/models/tiny-vae").json()
         assert detail["encoder_precision"] == "float32" and detail["quantization"] is None
         assert other.post("/encode", files=_files(png(3))).status_code == 200
 
 
-@pytest.mark.parametrize("mode", ["fused", "concurrent"])
+def test_fused_asked_of_a_model_without_it_runs_sequential(
+    tmp_path: Path, tiny_model_repo: Path, client: TestClient
+) -> None:
+    _copy_without(tmp_path, tiny_model_repo / "tiny-recmix", lambda f: f.role == "fused_encoder")
+    images = _files(png(1), png(2))
+    with _client(tmp_path, encode_mode="fused") as other:
+        assert other.get("/models/tiny-recmix").json()["encode_mode"] == "sequential"
+        answer = other.post("/encode", files=images).json()
+    expected = client.post("/encode", files=images).json()  # the fused graph's answer
+    for a, b in zip(expected["results"], answer["results"], strict=True):
+        for ca, cb in zip(a["components"], b["components"], strict=True):
+            np.testing.assert_allclose(ca["mean"], cb["mean"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
 def test_encode_modes_agree(client: TestClient, tiny_model_repo: Path, mode: str) -> None:
     images = _files(png(1), png(2))
-    sequential = client.post("/encode", files=images).json()
+    fused = client.post("/encode", files=images).json()
     with _client(tiny_model_repo, encode_mode=mode) as other:
         assert other.get("/models/tiny-recmix").json()["encode_mode"] == mode
         answer = other.post("/encode", files=images).json()
-    for a, b in zip(sequential["results"], answer["results"], strict=True):
+    for a, b in zip(fused["results"], answer["results"], strict=True):
         for ca, cb in zip(a["components"], b["components"], strict=True):
             np.testing.assert_allclose(ca["mean"], cb["mean"], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(ca["variance"], cb["variance"], rtol=1e-5, atol=1e-6)
