@@ -187,6 +187,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 runner.provider,
                 str(runner.mixture_order),
                 runner.manifest.method,
+                runner.precision,
+                runner.encode_mode,
             ).set(1)
         restore = _install_drain_hook(runtime, settings.drain_seconds)
         log.info("ready: serving %s", ", ".join(sorted(runtime.models)))

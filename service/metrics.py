@@ -100,8 +100,17 @@ class Metrics:
         )
         self.model_info = Gauge(
             MODEL_INFO,
-            "1 for every loaded model, with its version, provider, mixture order and method.",
-            ("model", "version", "provider", "mixture_order", "method"),
+            "1 for every loaded model, with its version, provider, mixture order, method, the "
+            "precision of the encoder graphs it runs and how it runs the mixture.",
+            (
+                "model",
+                "version",
+                "provider",
+                "mixture_order",
+                "method",
+                "encoder_precision",
+                "encode_mode",
+            ),
             registry=self.registry,
         )
 

@@ -546,6 +546,8 @@ def test_metrics_appear_and_move(tiny_model_repo: Path, recmix: Manifest) -> Non
         "provider": "CPUExecutionProvider",
         "mixture_order": "3",
         "method": "recmix",
+        "encoder_precision": "int8",  # on CPU, the int8 copies the model ships
+        "encode_mode": "concurrent",  # as this client was started
     }
     assert _value(after, "recmix_model_info", **info) == 1
     assert _value(after, "recmix_requests_in_flight", endpoint="/metrics") == 1  # this request
