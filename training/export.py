@@ -193,20 +193,23 @@ def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(np.max(np.abs(a - b.detach().cpu().numpy()))) if a.size else 0.0
 
 
-def check_parity(
-    model: RecMixVAE, folder: Path, manifest: Manifest, x: torch.Tensor
-) -> dict[str, float]:
-    """Max abs difference between onnxruntime and PyTorch for every graph; raises ExportError."""
+def _run(folder: Path, entry: FileEntry, feed: np.ndarray) -> list[np.ndarray]:
+    """Every output of one graph of the folder on ``feed``, in onnxruntime on the CPU."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(folder / entry.path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {entry.inputs[0].name: feed})
+
+
+def check_parity(
+    model: RecMixVAE, folder: Path, manifest: Manifest, x: torch.Tensor
+) -> dict[str, float]:
+    """Max abs difference between onnxruntime and PyTorch for every graph; raises ExportError."""
 
     def run(entry: FileEntry, feed: np.ndarray) -> list[np.ndarray]:
-        sess = ort.InferenceSession(
-            str(folder / entry.path), opts, providers=["CPUExecutionProvider"]
-        )
-        return sess.run(None, {entry.inputs[0].name: feed})
+        return _run(folder, entry, feed)
 
     xs = x.numpy().astype(np.float32)
     diffs: dict[str, float] = {}
@@ -247,18 +250,9 @@ def check_parity(
 
 def _posterior(folder: Path, manifest: Manifest, entries: list[FileEntry], xs: np.ndarray):
     """(means, logvars, log_weights) of the mixture from the component graphs ``entries``."""
-    import onnxruntime as ort
-
     from service.manifest import log_weights
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    outs = [
-        ort.InferenceSession(str(folder / e.path), opts, providers=["CPUExecutionProvider"]).run(
-            None, {"x": xs}
-        )
-        for e in entries
-    ]
+    outs = [_run(folder, e, xs) for e in entries]
     means = np.stack([o[0] for o in outs], 1)
     logvars = np.stack([o[1] for o in outs], 1)
     eps = np.stack([o[2] for o in outs], 1) if manifest.weights.epsilon == "amortized" else None
@@ -393,16 +387,9 @@ def quantize_encoders(
     }
     int8_fused = next((e for e in added if e.role == "fused_encoder"), None)
     if int8_fused is not None:  # the fused int8 graph must agree with the int8 components
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(
-            str(folder / int8_fused.path), opts, providers=["CPUExecutionProvider"]
-        )
         worst = max(
             float(np.abs(a - b).max())
-            for a, b in zip(sess.run(None, {"x": xs}), quantized, strict=True)
+            for a, b in zip(_run(folder, int8_fused, xs), quantized, strict=True)
         )
         if not worst <= PARITY_TOLERANCE:
             raise ExportError(
