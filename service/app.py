@@ -20,10 +20,12 @@ from types import FrameType
 from typing import Any
 
 from anyio import to_thread
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
-from service import api
+from service import api, inference
 from service.errors import PayloadTooLarge, install_handlers
+from service.inference import InferenceRouter
 from service.metrics import Metrics
 from service.runtime import Runtime, StartupError
 from service.settings import Settings
@@ -209,13 +211,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.metrics = metrics
 
-    def count_error(request: Request, code: str) -> None:
-        metrics.errors.labels(endpoint_label(request.scope["path"]), code).inc()
+    def count_error(path: str, code: str) -> None:
+        metrics.errors.labels(endpoint_label(path), code).inc()
 
     install_handlers(app, count_error)
-    app.include_router(api.inference)
     app.include_router(api.operations)
-    # the last added runs first: metrics see every request, including a refused body
+    # the last added runs first: metrics see every request, including a refused body; the
+    # inference endpoints are answered inside both, before FastAPI's routing
+    app.add_middleware(InferenceRouter, runtime=runtime, settings=settings, on_error=count_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _document_inference(app)
     return app
+
+
+def _document_inference(app: FastAPI) -> None:
+    """``/openapi.json`` lists the inference endpoints beside FastAPI's own routes."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            paths, definitions = inference.openapi_paths()
+            schema["paths"] = {**paths, **schema.get("paths", {})}
+            known = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in definitions.items():
+                known.setdefault(name, definition)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -127,22 +127,37 @@ def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": body}
 
 
-def install_handlers(app: FastAPI, on_error: Callable[[Request, str], None]) -> None:
-    """Answer every error as JSON; ``on_error(request, code)`` counts it."""
+def error_json(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> JSONResponse:
+    """An error answer: ``{"error": {"code", "message", "details"?}}``."""
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return JSONResponse(error_body(code, message, **details), status, headers=headers)
+
+
+def error_response(exc: ServiceError, path: str) -> tuple[str, JSONResponse]:
+    """The error code and the answer for a :class:`ServiceError` raised on ``path``."""
+    status = status_of(exc)
+    # these two name no internals; any other 5xx gets a message that names none
+    if status >= 500 and not isinstance(exc, NotReady | BatchFailed):
+        log.error("internal error on %s: %s", path, exc.message)
+        return "internal_error", error_json(status, "internal_error", "internal server error")
+    return exc.code, error_json(status, exc.code, exc.message, **exc.details)
+
+
+def install_handlers(app: FastAPI, on_error: Callable[[str, str], None]) -> None:
+    """Answer every error FastAPI's routes raise as JSON; ``on_error(path, code)`` counts it."""
 
     def respond(request: Request, status: int, code: str, message: str, **details: Any):
-        on_error(request, code)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(error_body(code, message, **details), status, headers=headers)
+        on_error(request.url.path, code)
+        return error_json(status, code, message, **details)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        status = status_of(exc)
-        # these two name no internals; any other 5xx gets a message that names none
-        if status >= 500 and not isinstance(exc, NotReady | BatchFailed):
-            log.error("internal error on %s: %s", request.url.path, exc.message)
-            return respond(request, status, "internal_error", "internal server error")
-        return respond(request, status, exc.code, exc.message, **exc.details)
+        code, response = error_response(exc, request.url.path)
+        on_error(request.url.path, code)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

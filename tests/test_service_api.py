@@ -472,7 +472,70 @@ def test_body_over_the_limit(tiny_model_repo: Path) -> None:
 
 def test_unknown_route_and_method(client: TestClient) -> None:
     _error(client.get("/nothing-here"), 404, "not_found")
-    _error(client.get("/encode"), 405, "method_not_allowed")
+    for path in ("/encode", "/reconstruct", "/sample", "/loglik"):
+        response = client.get(path)
+        _error(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == "POST"
+
+
+# ---------------------------------------------------------------- query parameters
+
+
+def test_parameters_are_parsed_as_documented(client: TestClient) -> None:
+    image = _files(png())
+    for word, decoded in (("true", True), ("1", True), ("On", True), ("no", False), ("0", False)):
+        body = client.post(f"/sample?n=1&decode={word}", files=image).json()
+        assert ("image_png" in body["results"][0]["samples"][0]) is decoded, word
+    for n in ("+2", " 2", "2"):
+        assert len(client.post(f"/sample?n={n}", files=image).json()["results"][0]["samples"]) == 2
+    for bad in ("n=1_000", "n=2.0", "n=", "decode=maybe", "image_format=gif", "seed=-1"):
+        _error(client.post(f"/sample?{bad}", files=image), 422, "invalid_parameter")
+    # unknown names are ignored, and the last of a repeated name counts, as FastAPI does
+    body = client.post("/sample?n=1&n=3&colour=blue", files=image).json()
+    assert len(body["results"][0]["samples"]) == 3
+
+
+def test_every_wrong_parameter_is_named(client: TestClient) -> None:
+    error = _error(
+        client.post("/sample?n=0&seed=x&decode=maybe", files=_files(png())),
+        422,
+        "invalid_parameter",
+    )
+    locations = [p["location"] for p in error["details"]["problems"]]
+    assert locations == ["query.n", "query.decode", "query.seed"]
+    assert "greater than or equal to 1" in error["message"]
+
+
+def test_parameters_are_checked_before_the_body(client: TestClient) -> None:
+    # a bad parameter is a 422 even when the body is bad too: as FastAPI's routes did
+    _error(
+        client.post("/sample?n=0", content=b"junk", headers={"content-type": "text/plain"}),
+        422,
+        "invalid_parameter",
+    )
+    # and the model before the parameters
+    _error(client.post("/sample?model=nope&n=0", files=_files(png())), 404, "model_not_found")
+
+
+def test_openapi_documents_the_parameters_that_are_served(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    documented = {
+        path: {p["name"]: p["schema"] for p in schema["paths"][path]["post"]["parameters"]}
+        for path in ("/encode", "/reconstruct", "/sample", "/loglik")
+    }
+    assert set(documented["/encode"]) == {"model"}
+    assert set(documented["/reconstruct"]) == {"model", "mode", "format", "seed"}
+    assert set(documented["/sample"]) == {"model", "n", "decode", "image_format", "seed"}
+    assert set(documented["/loglik"]) == {"model", "num_samples", "seed"}
+    assert documented["/sample"]["n"]["minimum"] == 1
+    assert documented["/reconstruct"]["format"]["enum"] == ["png", "json"]
+    ok = schema["paths"]["/encode"]["post"]["responses"]["200"]["content"]["application/json"]
+    name = ok["schema"]["$ref"].rsplit("/", 1)[1]
+    assert set(schema["components"]["schemas"][name]["properties"]) == {
+        "model",
+        "version",
+        "results",
+    }
 
 
 # ---------------------------------------------------------------- API key
