@@ -372,6 +372,14 @@ class ModelRunner:
         with self._timed("encode"):
             if self.encode_mode == "fused":
                 assert self.fused is not None
+                if self._fixed_log_weights is not None:
+                    # the same for every image: the manifest's, in float64, not the graph's row
+                    with self._timed("fused_encode"):
+                        means, logvars = self.fused.run(["means", "logvars"], {"x": x})
+                    log_w = np.broadcast_to(
+                        self._fixed_log_weights, (x.shape[0], self.mixture_order)
+                    )
+                    return Posterior(means, logvars, log_w)
                 with self._timed("fused_encode"):
                     means, logvars, log_w = self.fused.run(
                         ["means", "logvars", "log_weights"], {"x": x}

@@ -135,6 +135,46 @@ def test_shipped_models_validate_and_checksums_hold(name):
     assert {p.name for p in discover(ROOT / "models")} >= set(SHIPPED)
 
 
+def test_fused_graph_with_fixed_weights(tmp_path, mnist_test_images):
+    """Global eps: the fused graph's log-weights are the manifest's row for every image, and the
+    service's fused encode (which uses the manifest's float64 row) equals the sequential one."""
+    from service.runtime import Runtime
+    from service.settings import Settings
+
+    model = make_tiny_model("recmix", 3, "global", seed=1)
+    folder = export_model(model, tmp_path / "fixed", parity_images=mnist_test_images[:32])
+    manifest = Manifest.load(folder)
+    assert manifest.weights.epsilon == "global"
+    expected = log_weights(manifest.weights, manifest.mixture_order)
+    for batch in (1, 7):
+        x = mnist_test_images[:batch].numpy()
+        means, logvars, fused_lw = _session(folder / manifest.fused().path).run(None, {"x": x})
+        assert fused_lw.shape == (batch, 3)
+        np.testing.assert_allclose(fused_lw, np.broadcast_to(expected, (batch, 3)), atol=1e-6)
+        for entry in manifest.components():
+            mean, logvar = _session(folder / entry.path).run(None, {"x": x})
+            np.testing.assert_allclose(means[:, entry.component - 1], mean, atol=1e-5)
+            np.testing.assert_allclose(logvars[:, entry.component - 1], logvar, atol=1e-5)
+    x = mnist_test_images[:5].numpy()
+    posteriors = {}
+    for mode in ("fused", "sequential"):
+        runtime = Runtime(
+            Settings(model_dir=tmp_path, encode_mode=mode, encoder_precision="float32")
+        )
+        runtime.load()
+        try:
+            runner = runtime.model("fixed")
+            assert runner.encode_mode == mode
+            posteriors[mode] = runner.encode(x)
+        finally:
+            runtime.close()
+    fused, sequential = posteriors["fused"], posteriors["sequential"]
+    np.testing.assert_allclose(fused.means, sequential.means, atol=1e-5)
+    np.testing.assert_allclose(fused.logvars, sequential.logvars, atol=1e-5)
+    np.testing.assert_array_equal(fused.log_weights, sequential.log_weights)
+    np.testing.assert_allclose(fused.weights.sum(1), 1.0, atol=1e-12)
+
+
 def test_shipped_recmix_beats_shipped_vae_and_repository_is_small():
     ll = {n: Manifest.load(ROOT / "models" / n).evaluation.test_log_likelihood for n in SHIPPED}
     assert ll["mnist-recmix"] > ll["mnist-vae"]

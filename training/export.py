@@ -94,25 +94,35 @@ class FusedEncoder(nn.Module):
     the per-component graphs use. (Stacking the weights into one matmul and batched matmuls over
     the component axis was slower on CPU at every batch size, and cannot be quantized per layer.)
     Outputs means (B, M, D), log-variances (B, M, D) and the recursion's log-weights (B, M).
+
+    The branches' heads are concatenated and reshaped once, and fixed log-weights are a constant
+    row, rather than stacking per-component outputs and computing the recursion in the graph: 11
+    nodes besides the layers instead of 46 (M = 4), which at batch 1 in onnxruntime on one CPU
+    thread takes the int8 graph from 0.093 to 0.077 ms and the float32 one from 0.198 to 0.179.
     """
 
     def __init__(self, model: RecMixVAE):
         super().__init__()
         self.encoders = nn.ModuleList(model.encoders[: model.num_active])
         self.M = len(self.encoders)
+        self.D = model.cfg.latent_dim
         self.amortized = model.amortized
         if not self.amortized:
-            self.register_buffer("eps_logits", model.eps_logits[: self.M].detach().clone())
+            eps_logits = model.eps_logits[: self.M].detach().clone()
+            self.register_buffer("fixed_log_weights", _recursive_log_weights(eps_logits[None]))
 
     def forward(self, x: torch.Tensor):
-        outs = [encoder(x) for encoder in self.encoders]
-        mean = torch.stack([o[0] for o in outs], dim=1)  # (B, M, D)
-        logvar = torch.stack([o[1] for o in outs], dim=1)
+        flat = x.flatten(1)
+        features = [encoder.trunk(flat) for encoder in self.encoders]  # (B, H) each
+        heads = torch.cat([e.head(h) for e, h in zip(self.encoders, features, strict=True)], 1)
+        # each head is [mean | logvar], as GaussianEncoder splits it
+        mean, logvar = heads.reshape(-1, self.M, 2, self.D).unbind(2)  # (B, M, D) each
         if self.amortized:
-            eps_logits = torch.stack([o[2] for o in outs], dim=1)  # (B, M)
-        else:
-            eps_logits = self.eps_logits.expand(x.shape[0], self.M)
-        return mean, logvar, _recursive_log_weights(eps_logits)
+            eps_logits = torch.cat(
+                [e.eps_head(h) for e, h in zip(self.encoders, features, strict=True)], 1
+            )  # (B, M)
+            return mean, logvar, _recursive_log_weights(eps_logits)
+        return mean, logvar, self.fixed_log_weights + torch.zeros_like(mean[:, :, 0])
 
 
 def _recursive_log_weights(eps_logits: torch.Tensor) -> torch.Tensor:
@@ -451,9 +461,8 @@ def export_model(
     M, D = model.num_active, cfg.latent_dim
     C, H, W = cfg.image_shape
     x_spec = [("x", ["batch", C, H, W])]
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent if out.parent.exists() else None)
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)  # the work folder beside it: one rename
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
         example = parity_images[:2].float()
         files = []
