@@ -7,10 +7,16 @@ batching off (``--max-queue-delay-ms 0``), and the same two with the float32 enc
 Then, in interleaved rounds (every cell once per round, so that all cells see the same machine
 state), it runs closed-loop load against each: C clients, each with one keep-alive connection,
 sending one image per request and the next as soon as the answer is read. Every cell is bounded
-in time and in requests; besides throughput and latency it records the images per inference run
-(the server's metrics) and the server's CPU time per request (``/proc``, Linux). Last, it
-samples the first server's resident memory (RSS) every second while it serves both models at
-concurrency 32 for ``--memory-seconds``.
+in time (and, with the Python client, in requests); besides throughput and latency it records
+the images per inference run (the server's metrics) and the server's CPU time per request
+(``/proc``, Linux). Last, it samples the first server's resident memory (RSS) every second
+while it serves both models at concurrency 32 for ``--memory-seconds``.
+
+The load generator is wrk when it is installed (``apt-get install wrk``), else a lean asyncio
+client in this script (``--client`` chooses). The client shares the machine's cores with the
+server; wrk costs a few microseconds of CPU per request where the Python client costs a few
+hundred, which on a 2-core machine is CPU the server no longer gets. Whichever loads it, every
+server and model is first warmed up by the Python client, which checks a full answer.
 
 Writes ``load.md`` (the table and the target figures), ``load.json`` and ``load.png`` under --out.
 
@@ -30,9 +36,11 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +109,7 @@ class Cell:
     runs: float = 0.0  # inference runs and the images in them, from the server's metrics
     run_images: float = 0.0
     cpu_seconds: float = 0.0  # the server process's CPU time (all its threads)
+    wrk_runs: list[WrkRun] = field(default_factory=list)
 
 
 async def burst(
@@ -163,7 +172,13 @@ def rss_mib(pid: int) -> float:
 
 
 async def memory_run(
-    port: int, pid: int, models: list[str], image: bytes, seconds: float, concurrency: int
+    port: int,
+    pid: int,
+    models: list[str],
+    image: bytes,
+    seconds: float,
+    concurrency: int,
+    wrk: Wrk | None,
 ) -> list[tuple[float, float]]:
     """(seconds, RSS MiB) sampled every second while both models are under load."""
     samples = [(0.0, rss_mib(pid))]
@@ -175,34 +190,127 @@ async def memory_run(
             samples.append((round(now + 1.0, 1), rss_mib(pid)))
 
     per_model = max(1, concurrency // len(models))
-    loads = [burst(port, m, image, per_model, seconds, 10**9) for m in models]
-    results = await asyncio.gather(sampler(), *loads)
-    errors = sum(r[1] for r in results[1:])
+    if wrk is not None:
+        runs = await asyncio.gather(
+            sampler(), *(wrk.burst(port, m, per_model, seconds) for m in models)
+        )
+        errors = sum(r.errors for r in runs[1:])
+    else:
+        results = await asyncio.gather(
+            sampler(), *(burst(port, m, image, per_model, seconds, 10**9) for m in models)
+        )
+        errors = sum(r[1] for r in results[1:])
     if errors:
         raise SystemExit(f"{errors} errors during the memory run")
     return samples
+
+
+# ---------------------------------------------------------------- wrk
+# One wrk process per cell (one thread: it keeps up with thousands of requests a second on one
+# core), scripted to POST the image and to print, when done, its counts and 999 latency
+# quantiles, so that rounds can be pooled into one distribution per cell.
+
+WRK_SCRIPT = """
+local file = io.open(os.getenv("RECMIX_BENCH_IMAGE"), "rb")
+wrk.method = "POST"
+wrk.body = file:read("*all")
+file:close()
+wrk.headers["Content-Type"] = "image/png"
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout))
+  for i = 1, 999 do
+    io.write(string.format("Q %d\\n", latency:percentile(i / 10)))
+  end
+end
+"""
+
+QUANTILES = 999
+
+
+@dataclass
+class WrkRun:
+    requests: int
+    seconds: float
+    errors: int
+    quantiles: np.ndarray  # seconds, at 0.1 %, 0.2 %, ..., 99.9 %
+
+
+class Wrk:
+    """Runs wrk against a server, with the image in a file its script reads."""
+
+    def __init__(self, image: bytes, folder: Path) -> None:
+        self.script = folder / "post.lua"
+        self.script.write_text(WRK_SCRIPT)
+        self.image = folder / "image.png"
+        self.image.write_bytes(image)
+
+    async def burst(self, port: int, model: str, concurrency: int, seconds: float) -> WrkRun:
+        whole = max(1, round(seconds))  # wrk takes whole seconds
+        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{whole}s", "--timeout", "10s"]
+        command += ["-s", str(self.script), f"http://{HOST}:{port}/encode?model={model}"]
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "RECMIX_BENCH_IMAGE": str(self.image)},
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), timeout=whole + 30)
+        text = out.decode()
+        match = re.search(r"^RESULT (\d+) (\d+) (\d+) (\d+)$", text, re.M)
+        if process.returncode != 0 or match is None:
+            raise SystemExit(f"wrk failed (status {process.returncode}):\n{text}")
+        requests, micros, status_errors, socket_errors = map(int, match.groups())
+        quantiles = np.array([float(q) for q in re.findall(r"^Q (\d+)$", text, re.M)]) / 1e6
+        assert len(quantiles) == QUANTILES, text
+        return WrkRun(requests, micros / 1e6, status_errors + socket_errors, quantiles)
+
+
+def wrk_version() -> str:
+    done = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    return (done.stdout + done.stderr).split("\n")[0].split(" [")[0].strip() or "wrk"
+
+
+def pooled_quantiles(runs: list[WrkRun], percents: list[float]) -> list[float]:
+    """Percentiles of the rounds' latencies together: each round's quantile grid stands for
+    its requests, weighted by their number."""
+    values = np.concatenate([r.quantiles for r in runs])
+    weights = np.concatenate([np.full(QUANTILES, r.requests / QUANTILES) for r in runs])
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order]) / weights.sum()
+    return [float(values[order][np.searchsorted(cumulative, p / 100)]) for p in percents]
 
 
 # ---------------------------------------------------------------- the run
 
 
 def summarize(cell: Cell) -> dict[str, Any]:
-    ms = np.array(cell.latencies) * 1e3
+    if cell.wrk_runs:
+        requests = sum(r.requests for r in cell.wrk_runs)
+        p50, p99 = (1e3 * q for q in pooled_quantiles(cell.wrk_runs, [50, 99]))
+    else:
+        ms = np.array(cell.latencies) * 1e3
+        requests = len(ms)
+        p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
     return {
         "model": cell.model,
         "server": cell.server,
         "concurrency": cell.concurrency,
-        "requests": len(ms),
+        "requests": requests,
         "errors": cell.errors,
-        "throughput_rps": len(ms) / cell.seconds,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        "throughput_rps": requests / cell.seconds,
+        "p50_ms": p50,
+        "p99_ms": p99,
         "images_per_run": cell.run_images / cell.runs if cell.runs else None,
-        "server_cpu_ms_per_request": 1e3 * cell.cpu_seconds / len(ms),
+        "server_cpu_ms_per_request": 1e3 * cell.cpu_seconds / requests,
     }
 
 
-async def run(args: argparse.Namespace, ports: dict[str, int], pids: dict[str, int]) -> dict:
+async def run(
+    args: argparse.Namespace, ports: dict[str, int], pids: dict[str, int], wrk: Wrk | None
+) -> dict:
     image = test_image(None)
     cells = {
         (model, server, c): Cell(model, server, c)
@@ -220,12 +328,17 @@ async def run(args: argparse.Namespace, ports: dict[str, int], pids: dict[str, i
             port = ports[cell.server]
             runs0, images0 = await scrape(port, cell.model)
             cpu0 = cpu_seconds(pids[cell.server])
-            latencies, errors, elapsed = await burst(
-                port, cell.model, image, cell.concurrency, args.seconds, args.max_requests
-            )
+            if wrk is not None:
+                done = await wrk.burst(port, cell.model, cell.concurrency, args.seconds)
+                cell.wrk_runs.append(done)
+                errors, elapsed = done.errors, done.seconds
+            else:
+                latencies, errors, elapsed = await burst(
+                    port, cell.model, image, cell.concurrency, args.seconds, args.max_requests
+                )
+                cell.latencies += latencies
             cell.cpu_seconds += cpu_seconds(pids[cell.server]) - cpu0
             runs1, images1 = await scrape(port, cell.model)
-            cell.latencies += latencies
             cell.errors += errors
             cell.seconds += elapsed
             cell.runs += runs1 - runs0
@@ -234,7 +347,13 @@ async def run(args: argparse.Namespace, ports: dict[str, int], pids: dict[str, i
     rows = [summarize(cell) for cell in cells.values()]
     first = next(iter(ports))
     memory = await memory_run(
-        ports[first], pids[first], args.models, image, args.memory_seconds, args.memory_concurrency
+        ports[first],
+        pids[first],
+        args.models,
+        image,
+        args.memory_seconds,
+        args.memory_concurrency,
+        wrk,
     )
     return {"rows": rows, "memory": memory}
 
@@ -272,7 +391,7 @@ def targets(rows: list[dict], memory: list[tuple[float, float]], models: list[st
 
 def markdown(report: dict, command: str) -> str:
     lines = [
-        f"Made by `{command}` on {report['machine']}.",
+        f"Made by `{command}` on {report['machine']}; load generator: {report['client']}.",
         "",
         "| model | server | concurrency | requests | throughput (req/s) | p50 ms | p99 ms | "
         "errors | images per run | server CPU ms per request |",
@@ -346,7 +465,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--seconds", type=float, default=2.0, help="per cell and round")
-    parser.add_argument("--max-requests", type=int, default=20_000, help="per cell and round")
+    parser.add_argument(
+        "--max-requests", type=int, default=20_000, help="per cell and round (Python client)"
+    )
+    parser.add_argument(
+        "--client",
+        choices=["wrk", "python"],
+        default="wrk" if shutil.which("wrk") else "python",
+        help="load generator (default: wrk when installed)",
+    )
     parser.add_argument("--memory-seconds", type=float, default=60.0)
     parser.add_argument("--memory-concurrency", type=int, default=32)
     parser.add_argument(
@@ -367,7 +494,9 @@ def main() -> None:
             ports[name] = free_port()
             processes[name] = start_server(args.model_dir, ports[name], shlex.split(flags))
         pids = {k: p.pid for k, p in processes.items()}
-        result = asyncio.run(run(args, ports, pids))
+        with tempfile.TemporaryDirectory() as folder:
+            wrk = Wrk(test_image(None), Path(folder)) if args.client == "wrk" else None
+            result = asyncio.run(run(args, ports, pids, wrk))
     finally:
         for process in processes.values():
             process.send_signal(signal.SIGTERM)
@@ -376,6 +505,7 @@ def main() -> None:
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}",
+        "client": wrk_version() if args.client == "wrk" else "the asyncio client of this script",
         "models": args.models,
         "servers": servers,
         "settings": vars(args) | {"model_dir": str(args.model_dir), "out": str(args.out)},
