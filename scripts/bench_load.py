@@ -371,7 +371,7 @@ def targets(rows: list[dict], memory: list[tuple[float, float]], models: list[st
                 out[f"p50 {recmix} / {vae}, concurrency {c}, {server}"] = ratio
     for server in servers:  # "X batching" against "X no-batching"
         unbatched = server.replace("no-batching", "").replace("batching", "no-batching")
-        if "no-batching" in server or unbatched not in servers:
+        if "no-batching" in server or unbatched == server or unbatched not in servers:
             continue
         for model in models:
             if (model, server, 32) in by and (model, unbatched, 32) in by:
