@@ -9,6 +9,7 @@ accepting connections, lets in-flight requests finish, and exits.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -169,6 +170,19 @@ def _install_drain_hook(runtime: Runtime, drain_seconds: float) -> Callable[[], 
     return restore
 
 
+def _freeze_startup_objects() -> None:
+    """Leave what start-up built out of the garbage collector's full collections.
+
+    The imports, the loaded models and the app are a large heap of objects that live as long as
+    the process; a full collection walks all of them, 40 ms or more on a 2-core machine, and under
+    load one came every second, which made the p99 latency. Frozen (``gc.freeze``), they are
+    never walked again, and full collections see only what requests create. Unfrozen when the
+    app stops.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service: settings (from the environment if not given), runtime, metrics, routes."""
     settings = settings or Settings()
@@ -193,10 +207,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 runner.encode_mode,
             ).set(1)
         restore = _install_drain_hook(runtime, settings.drain_seconds)
+        _freeze_startup_objects()
         log.info("ready: serving %s", ", ".join(sorted(runtime.models)))
         try:
             yield
         finally:
+            gc.unfreeze()
             restore()
             runtime.close()
             log.info("stopped")

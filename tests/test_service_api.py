@@ -65,6 +65,16 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert ready.json() == {"status": "ready", "models": ["tiny-recmix", "tiny-vae"]}
 
 
+def test_start_up_objects_are_frozen_while_serving(tiny_model_repo: Path) -> None:
+    """Full collections under load walk only what requests create, not the loaded models."""
+    import gc
+
+    with _client(tiny_model_repo) as serving:
+        assert gc.get_freeze_count() > 10_000
+        assert serving.post("/encode", files=_files(png())).status_code == 200
+    assert gc.get_freeze_count() == 0
+
+
 def test_not_ready_before_the_models_load(tiny_model_repo: Path) -> None:
     app = create_app(settings_for(tiny_model_repo))
     test_client = TestClient(app)  # no `with`: the lifespan (model loading) never runs
