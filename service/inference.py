@@ -31,7 +31,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import schemas
@@ -369,6 +369,11 @@ class InferenceRouter:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is None:
+            if scope["type"] == "http" and scope["path"].rstrip("/") in self.endpoints:
+                # as FastAPI's routes do: a 307 to the path without the slash, method kept
+                url = Request(scope).url
+                await RedirectResponse(url.replace(path=url.path.rstrip("/")))(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":

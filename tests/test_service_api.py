@@ -486,6 +486,12 @@ def test_unknown_route_and_method(client: TestClient) -> None:
         response = client.get(path)
         _error(response, 405, "method_not_allowed")
         assert response.headers["allow"] == "POST"
+        # a trailing slash is redirected, method and query kept
+        moved = client.post(f"{path}/?model=tiny-vae", follow_redirects=False)
+        assert moved.status_code == 307
+        assert moved.headers["location"].endswith(f"{path}?model=tiny-vae")
+    answer = client.post("/encode/?model=tiny-vae", files=_files(png()), follow_redirects=True)
+    assert answer.status_code == 200 and answer.json()["model"] == "tiny-vae"
 
 
 # ---------------------------------------------------------------- query parameters
