@@ -1,6 +1,6 @@
 """How fast the service's encode is in each ``--encode-mode``, at the batch sizes batching makes.
 
-Loads the models as the service does (``service.runtime.ModelRunner``: same session options, and
+Loads the models as the service does (``service.model.runner.ModelRunner``: same session options, and
 the mixture weights and post-processing included) and times ``encode`` on binarized MNIST-like
 inputs for the RecMix model in each mode (the fused graph, the components concurrently from
 threads, one after another) beside the VAE's single encoder. Two cache states:
@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.repository import load_model_dir
-from service.runtime import ModelRunner, SessionFactory
+from service.model.repository import load_model_dir
+from service.model.runner import ModelRunner
+from service.model.sessions import SessionFactory
 
 EVICT_BYTES = 64 * 1024 * 1024  # twice this machine's L3 cache
 

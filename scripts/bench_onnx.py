@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import Manifest
+from service.model.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """What the int8 encoder graphs cost against float32 on the MNIST test set, through the service.
 
-Loads each model twice as the service does (``service.runtime.ModelRunner``, float32 and int8
+Loads each model twice as the service does (``service.model.runner.ModelRunner``, float32 and int8
 encoder graphs, the same float32 decoder) and estimates log p(x) by stratified importance sampling
 with the same random draws for both, on the first ``--images`` test images (binarized once, seed 0,
 as in evaluation). Prints and writes the paired differences: a precise figure for a small shift.
@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from service.repository import load_model_dir
-from service.runtime import ModelRunner, SessionFactory
+from service.model.likelihood import Estimate, log_likelihoods
+from service.model.repository import load_model_dir
+from service.model.runner import ModelRunner
+from service.model.sessions import SessionFactory
 from training.data import binarize_once, load_mnist, to_float
 
 
@@ -58,7 +60,9 @@ def main() -> None:
                 part = x[start : start + args.batch]
                 posterior = runner.encode(part)
                 rng = np.random.default_rng(start)  # the same draws for both precisions
-                estimate = runner.log_likelihood(part, posterior, args.samples, rng)
+                (estimate,) = log_likelihoods(
+                    runner, [Estimate(part, posterior, args.samples, rng)]
+                )
                 ll.append(estimate.log_likelihood)
                 elbo.append(estimate.elbo)
                 means.append(posterior.means)

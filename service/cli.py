@@ -118,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 value = value.get_secret_value()
             if value is not None:
                 os.environ[f"RECMIX_{name.upper()}"] = str(value)
-        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+        uvicorn.run("service.http.app:create_app", factory=True, workers=settings.workers, **common)
         return 0
-    from service.app import create_app
+    from service.http.app import create_app
 
     server = _Server(uvicorn.Config(create_app(settings), **common))
     server.run()

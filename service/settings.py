@@ -2,7 +2,7 @@
 
 Each field is read from a ``RECMIX_<FIELD>`` environment variable (``RECMIX_MODEL_DIR``) and is a
 flag of ``recmix-serve`` (``--model-dir``); a flag wins over the environment, which wins over the
-default here. Settings are built by :func:`service.app.create_app` or the command line, never at
+default here. Settings are built by :func:`service.http.app.create_app` or the command line, never at
 import time.
 
 ``encode_mode`` defaults to ``fused``: all M components in one onnxruntime call. Over HTTP, with
@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EncodeMode = Literal["fused", "concurrent", "sequential"]
+from service.model.runner import EncodeMode
 
 
 class Settings(BaseSettings):

@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from service_support import png, settings_for
 
-from service.app import create_app
-from service.batching import Batcher
-from service.errors import BatchFailed, InvalidInput, UnsupportedMediaType
-from service.runtime import Runtime
+from service.http.app import create_app
+from service.model.errors import BatchFailed, InvalidInput, UnsupportedMediaType
+from service.serving.batching import Batcher
+from service.serving.runtime import Runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

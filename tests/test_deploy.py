@@ -384,7 +384,7 @@ def _metric_names(expr: str) -> set[str]:
 
 def _exported_series() -> dict[str, str]:
     """Series name -> its metric family, for every metric the service exports."""
-    from service import metrics
+    from service.http import metrics
 
     families = {}
     for collector in metrics.Metrics().registry._collector_to_names:
@@ -436,7 +436,7 @@ def test_dashboard_queries_only_exported_metrics() -> None:
         for name in names - _PROMETHEUS_OWN:
             assert name in series, f"{where}: {name} is not a series the service exports"
             used.add(series[name])
-    from service.metrics import METRIC_NAMES
+    from service.http.metrics import METRIC_NAMES
 
     assert used == set(METRIC_NAMES), f"not on the dashboard: {set(METRIC_NAMES) - used}"
 
@@ -614,7 +614,7 @@ def _dashboard_exprs_for(models: list[str]) -> list[str]:
 @pytest.mark.timeout(300)
 def test_prometheus_scrapes_the_running_service(model_repo: Path, tmp_path: Path) -> None:
     prometheus = _tool("prometheus")
-    from service.repository import discover
+    from service.model.repository import discover
 
     models = [folder.name for folder in discover(model_repo)]
     assert models

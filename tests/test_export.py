@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.manifest import Manifest, log_weights
-from service.repository import ModelRepositoryError, discover, load_model_dir
+from service.model.manifest import Manifest
+from service.model.mixture import log_weights
+from service.model.repository import ModelRepositoryError, discover, load_model_dir
 from tests.conftest import make_tiny_model
 from training.export import ExportError, check_parity, export_model
 
@@ -138,7 +139,7 @@ def test_shipped_models_validate_and_checksums_hold(name):
 def test_fused_graph_with_fixed_weights(tmp_path, mnist_test_images):
     """Global eps: the fused graph's log-weights are the manifest's row for every image, and the
     service's fused encode (which uses the manifest's float64 row) equals the sequential one."""
-    from service.runtime import Runtime
+    from service.serving.runtime import Runtime
     from service.settings import Settings
 
     model = make_tiny_model("recmix", 3, "global", seed=1)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from service.manifest import MANIFEST_FILENAME, Manifest, WeightSpec, log_weights
-from service.repository import ModelRepositoryError, discover, load_model_dir
+from service.model.manifest import MANIFEST_FILENAME, Manifest, WeightSpec
+from service.model.mixture import log_weights
+from service.model.repository import ModelRepositoryError, discover, load_model_dir
 
 
 def _tensor(name: str, *shape: int | str) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from PIL import Image
 from pydantic import BaseModel
 from service_support import digit, encoded, png, settings_for
 
-from service import schemas
-from service.api import FastJSONResponse
-from service.app import create_app
-from service.manifest import Manifest
-from service.metrics import METRIC_NAMES, Metrics
-from service.preprocess import preprocess
+from service.http import schemas
+from service.http.app import create_app
+from service.http.metrics import METRIC_NAMES, Metrics
+from service.http.responses import FastJSONResponse
+from service.model.manifest import Manifest
+from service.model.preprocess import preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

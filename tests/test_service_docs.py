@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service import errors
-from service.metrics import METRIC_NAMES
+from service.http.metrics import METRIC_NAMES
+from service.model import errors
 from service.settings import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -31,7 +31,7 @@ def test_every_error_code_is_documented(service_section: str) -> None:
     codes = {
         cls.code
         for cls in vars(errors).values()
-        if isinstance(cls, type) and issubclass(cls, errors.ServiceError)
+        if isinstance(cls, type) and issubclass(cls, errors.RecmixError)
     }
     for code in codes - {"internal_error"}:
         assert f"`{code}`" in service_section, code

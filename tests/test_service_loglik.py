@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_support import settings_for
 
-from service.app import create_app
+from service.http.app import create_app
 
 torch = pytest.importorskip("torch")
 

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from service_support import digit, encoded
 
-from service.errors import InvalidInput, TooManyPixels, UndecodableImage, UnsupportedMediaType
-from service.manifest import InputSpec
-from service.preprocess import ImageLimits, preprocess, to_png
+from service.model.errors import InvalidInput, TooManyPixels, UndecodableImage, UnsupportedMediaType
+from service.model.manifest import InputSpec
+from service.model.preprocess import ImageLimits, preprocess, to_png
 
 GRAY = InputSpec(channels=1, height=28, width=28, color="grayscale", description="test")
 LIMITS = ImageLimits(max_pixels=1 << 22)
@@ -177,7 +177,7 @@ def test_png_out() -> None:
 @pytest.mark.filterwarnings("ignore")  # Pillow warns about the corrupt metadata it skips
 def test_corrupted_files_are_refused_never_crash() -> None:
     """Random byte flips and cuts of valid files: each decodes or gets a documented error."""
-    from service.errors import ServiceError
+    from service.model.errors import RecmixError as ServiceError
 
     rng = np.random.default_rng(0)
     bases = [encoded(digit(1), fmt) for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF")]

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from service_support import settings_for
 
-from service.errors import InvalidParameter, ModelNotFound, NotReady
-from service.runtime import (
-    ModelRunner,
+from service.model.errors import InvalidParameter, ModelNotFound, NotReady
+from service.model.likelihood import Estimate, log_likelihoods
+from service.model.mixture import (
     Posterior,
-    Runtime,
-    SessionFactory,
-    StartupError,
     bernoulli_log_prob,
     log_normal_diag,
     logsumexp,
     stratified_counts,
 )
+from service.model.runner import ModelRunner
+from service.model.sessions import ProviderUnavailable, SessionFactory
+from service.serving.runtime import Runtime, StartupError
 
 # ---------------------------------------------------------------- densities
 
@@ -142,7 +142,7 @@ def test_loglik_is_exact_when_the_posterior_is_the_prior(
         np.zeros((1, M, D), np.float32),
         np.log(np.array([[0.2, 0.3, 0.5]])),
     )
-    result = runner.log_likelihood(x, post, 11, np.random.default_rng(0))
+    result = log_likelihoods(runner, [Estimate(x, post, 11, np.random.default_rng(0))])[0]
     assert result.log_likelihood[0] == pytest.approx(exact, abs=1e-9)
     assert result.elbo[0] == pytest.approx(exact, abs=1e-9)
 
@@ -161,7 +161,7 @@ def test_vae_elbo_matches_the_closed_form_kl(
         mean[None, None].astype(np.float32), logvar[None, None].astype(np.float32), np.zeros((1, 1))
     )
     kl = 0.5 * np.sum(np.exp(logvar) + mean**2 - 1 - logvar)
-    result = runner.log_likelihood(x, post, 5000, np.random.default_rng(1))
+    result = log_likelihoods(runner, [Estimate(x, post, 5000, np.random.default_rng(1))])[0]
     # Monte Carlo error of the ELBO: sd of the log-ratio (about sqrt(2 KL)) / sqrt(S)
     assert result.elbo[0] == pytest.approx(exact - kl, abs=5 * math.sqrt(2 * kl / 5000))
     assert result.log_likelihood[0] == pytest.approx(exact, abs=0.02)
@@ -180,7 +180,7 @@ def test_loglik_of_a_mixture_converges(
         rng.normal(0.2, 0.05, (1, M, D)).astype(np.float32),
         np.log(np.array([[0.5, 0.3, 0.2]])),
     )
-    result = runner.log_likelihood(x, post, 5000, np.random.default_rng(4))
+    result = log_likelihoods(runner, [Estimate(x, post, 5000, np.random.default_rng(4))])[0]
     assert result.log_likelihood[0] == pytest.approx(exact, abs=0.05)
     assert result.elbo[0] < exact
 
@@ -196,7 +196,9 @@ def test_loglik_grouping_and_chunking_change_nothing(
     results = []
     for chunk in (300, 999, 5000):  # split calls, one image per call, all five in one call
         monkeypatch.setattr(runner, "decode_batch_size", chunk)
-        results.append(runner.log_likelihood(x, post, 999, np.random.default_rng(0)))
+        results.append(
+            log_likelihoods(runner, [Estimate(x, post, 999, np.random.default_rng(0))])[0]
+        )
     for other in results[1:]:
         np.testing.assert_allclose(other.log_likelihood, results[0].log_likelihood, rtol=1e-6)
         np.testing.assert_allclose(other.elbo, results[0].elbo, rtol=1e-6)
@@ -206,7 +208,7 @@ def test_loglik_needs_a_sample_per_component(runners: dict[str, ModelRunner]) ->
     runner = runners["tiny-recmix"]
     x = np.zeros((1, 1, 28, 28), np.float32)
     with pytest.raises(InvalidParameter):
-        runner.log_likelihood(x, runner.encode(x), 2, np.random.default_rng(0))
+        log_likelihoods(runner, [Estimate(x, runner.encode(x), 2, np.random.default_rng(0))])[0]
 
 
 # ---------------------------------------------------------------- loading
@@ -291,7 +293,7 @@ def test_cuda_asked_for_but_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    with pytest.raises(StartupError, match="onnxruntime-gpu"):
+    with pytest.raises(ProviderUnavailable, match="onnxruntime-gpu"):
         SessionFactory.choose("cuda", 1)
     assert SessionFactory.choose("auto", 1).providers == ["CPUExecutionProvider"]
     monkeypatch.setattr(

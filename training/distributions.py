@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from service.model import mixture
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -61,19 +63,10 @@ def recursive_log_weights(eps_logits: torch.Tensor) -> torch.Tensor:
     """Log mixture weights of the recursion Q_m = (1 - eps_m) Q_{m-1} + eps_m q_m.
 
     eps_logits: (..., M), the logit of eps_m; eps_1 is fixed to 1 whatever its logit.
-    Returns (..., M): log w_m = log eps_m + sum_{j>m} log(1 - eps_j). The weights sum to 1.
+    Returns (..., M): log w_m = log eps_m + sum_{j>m} log(1 - eps_j), by the one formula the
+    service and the export share (:func:`service.model.mixture.recursive_log_weights`).
     """
-    log_eps = F.logsigmoid(eps_logits)  # (..., M)
-    log_one_minus = F.logsigmoid(-eps_logits)  # (..., M)
-    log_eps = torch.cat([torch.zeros_like(log_eps[..., :1]), log_eps[..., 1:]], dim=-1)
-    log_one_minus = torch.cat(
-        [torch.full_like(log_one_minus[..., :1], -math.inf), log_one_minus[..., 1:]], dim=-1
-    )
-    # suffix[m] = sum_{j>m} log(1 - eps_j): reverse cumulative sum, shifted by one.
-    rev = torch.flip(log_one_minus, dims=[-1])
-    suffix_incl = torch.flip(torch.cumsum(rev, dim=-1), dims=[-1])  # sum_{j>=m}
-    suffix = torch.cat([suffix_incl[..., 1:], torch.zeros_like(suffix_incl[..., :1])], dim=-1)
-    return log_eps + suffix
+    return mixture.recursive_log_weights(F.logsigmoid(eps_logits), F.logsigmoid(-eps_logits), torch)
 
 
 class GaussianMixture:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.manifest import (
+from service.model.manifest import (
     MANIFEST_FILENAME,
     SCHEMA_VERSION,
     Architecture,
@@ -43,6 +43,8 @@ from service.manifest import (
     Versions,
     WeightSpec,
 )
+from service.model.mixture import log_weights
+from training.distributions import recursive_log_weights
 from training.model import RecMixVAE
 
 log = logging.getLogger("recmix.export")
@@ -109,7 +111,7 @@ class FusedEncoder(nn.Module):
         self.amortized = model.amortized
         if not self.amortized:
             eps_logits = model.eps_logits[: self.M].detach().clone()
-            self.register_buffer("fixed_log_weights", _recursive_log_weights(eps_logits[None]))
+            self.register_buffer("fixed_log_weights", recursive_log_weights(eps_logits[None]))
 
     def forward(self, x: torch.Tensor):
         flat = x.flatten(1)
@@ -121,22 +123,8 @@ class FusedEncoder(nn.Module):
             eps_logits = torch.cat(
                 [e.eps_head(h) for e, h in zip(self.encoders, features, strict=True)], 1
             )  # (B, M)
-            return mean, logvar, _recursive_log_weights(eps_logits)
+            return mean, logvar, recursive_log_weights(eps_logits)
         return mean, logvar, self.fixed_log_weights + torch.zeros_like(mean[:, :, 0])
-
-
-def _recursive_log_weights(eps_logits: torch.Tensor) -> torch.Tensor:
-    """log w_m = log eps_m + sum_{j>m} log(1 - eps_j), eps_1 = 1; unrolled over the small M."""
-    M = eps_logits.shape[-1]
-    log_eps = torch.nn.functional.logsigmoid(eps_logits)
-    log_keep = torch.nn.functional.logsigmoid(-eps_logits)
-    cols = []
-    tail = torch.zeros_like(eps_logits[:, 0])
-    for m in range(M - 1, -1, -1):
-        head = log_eps[:, m] if m > 0 else torch.zeros_like(tail)
-        cols.append(head + tail)
-        tail = tail + log_keep[:, m]
-    return torch.stack(cols[::-1], dim=-1)
 
 
 def _export(
@@ -235,7 +223,6 @@ def check_parity(
             if model.amortized:
                 diffs[f"component_{m + 1}.eps_logit"] = _max_diff(outs[2], eps_logits[:, m])
                 ort_eps.append(outs[2])
-        from service.manifest import log_weights
 
         lw = log_weights(
             manifest.weights, manifest.mixture_order, np.stack(ort_eps, 1) if ort_eps else None
@@ -260,8 +247,6 @@ def check_parity(
 
 def _posterior(folder: Path, manifest: Manifest, entries: list[FileEntry], xs: np.ndarray):
     """(means, logvars, log_weights) of the mixture from the component graphs ``entries``."""
-    from service.manifest import log_weights
-
     outs = [_run(folder, e, xs) for e in entries]
     means = np.stack([o[0] for o in outs], 1)
     logvars = np.stack([o[1] for o in outs], 1)

@@ -1,38 +1,19 @@
-"""The operational routes (models, health, metrics), and the JSON answer every route writes.
+"""The operational routes of the native API: models, health, metrics.
 
-The inference endpoints are in :mod:`service.inference`.
+The inference routes are in :mod:`service.http.native`, the Open Inference Protocol's in
+:mod:`service.http.v2`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-import numpy as np
-import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import schemas
-from service.metrics import CONTENT_TYPE, Metrics
-from service.runtime import Runtime
-
-
-class FastJSONResponse(JSONResponse):
-    """JSON written by orjson, numpy arrays and scalars included: the answers hold the runtime's
-    float32 arrays as they are, written in float32's shortest round-trip form (a 4-component
-    /encode answer in 11 us instead of 27 us through lists and pydantic's serializer, and 4.4
-    instead of 7.9 KB). Not-a-number and infinities become null, as strict JSON needs."""
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, default=_tolist, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _tolist(value: Any) -> Any:
-    """What orjson leaves to ``default``: a numpy array that is not C-contiguous (a view)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
+from service.http import schemas
+from service.http.metrics import CONTENT_TYPE, Metrics
+from service.serving.runtime import Runtime
 
 # ---------------------------------------------------------------- dependencies
 # All async: FastAPI runs a plain `def` dependency in a worker thread, a hop per dependency per

@@ -24,16 +24,24 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import (
+from service.model.errors import (
     InvalidInput,
-    ServiceError,
+    RecmixError,
     TooManyPixels,
     UndecodableImage,
     UnsupportedMediaType,
 )
-from service.manifest import InputSpec
+from service.model.manifest import InputSpec
 
 ImageInput = bytes | np.ndarray  # encoded image file, or a pixel array (H, W) / (H, W, C)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Images already in the model's input form, float32 ``(B, C, H, W)``."""
+
+    x: np.ndarray
+
 
 _WANTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 _RESAMPLE = {
@@ -80,7 +88,7 @@ def preprocess(
             else:
                 pixels += item.shape[0] * item.shape[1] if item.ndim >= 2 else item.size
                 opened.append(item)
-        except ServiceError as exc:
+        except RecmixError as exc:
             _name(exc, i, len(inputs))
             raise
     if pixel_budget is not None and pixels > pixel_budget:
@@ -89,13 +97,13 @@ def preprocess(
     for i, source in enumerate(opened):
         try:
             batch[i] = _model_input(source, spec, limits)
-        except ServiceError as exc:
+        except RecmixError as exc:
             _name(exc, i, len(inputs))
             raise
     return batch
 
 
-def _name(exc: ServiceError, index: int, count: int) -> None:
+def _name(exc: RecmixError, index: int, count: int) -> None:
     """Name the image at fault in an error, when a request holds several."""
     if count > 1:
         exc.message = f"image {index}: {exc.message}"
@@ -114,6 +122,31 @@ def _model_input(
         if levels is not None:  # 8-bit at the model's size: a table look-up
             return _level_table(spec.binarize, spec.threshold, spec.value_range)[levels]
     return _fit(_intensities_of_image(image, spec.channels), spec, limits)
+
+
+def preprocess_tensor(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A tensor of images ``(B, C, H, W)`` at the model's size to the model's input, float32.
+
+    ``uint8``: 8-bit levels, which become exactly what an 8-bit image file of these levels
+    becomes; floating point: intensities in [0, 1]. Then binarized and mapped as the manifest
+    says. No resizing or channel conversion: a tensor must have the model's shape.
+    """
+    expected = (spec.channels, spec.height, spec.width)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise InvalidInput(
+            f"input has shape {list(x.shape)}; the model takes [batch, {', '.join(map(str, expected))}]"
+        )
+    if x.shape[0] == 0:
+        raise InvalidInput("the input holds no image (batch size 0)")
+    if x.dtype == np.uint8:
+        return _level_table(spec.binarize, spec.threshold, spec.value_range)[x]
+    if x.dtype.kind != "f":
+        raise InvalidInput(f"input of type {x.dtype}: send uint8 levels or float intensities")
+    if not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0:
+        raise InvalidInput("input values must be finite intensities in [0, 1]")
+    return _binarize_and_map(
+        x.astype(np.float32, copy=False), spec.binarize, spec.threshold, spec.value_range
+    )
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:

@@ -23,8 +23,8 @@ ONNX contract (what the export writes and the service runs):
 
 Mixture weights (RecMix, Kim & Pavlovic, NeurIPS 2020): ``Q_1 = q_1``,
 ``Q_m = (1 - eps_m) Q_{m-1} + eps_m q_m``, so ``w_M = eps_M`` and
-``w_m = eps_m * prod_{j>m} (1 - eps_j)`` with ``eps_1 = 1``. :func:`log_weights` computes them in
-log space from the logits of ``eps``.
+``w_m = eps_m * prod_{j>m} (1 - eps_j)`` with ``eps_1 = 1``; :mod:`service.model.mixture` computes
+them in log space from the logits of ``eps``.
 """
 
 from __future__ import annotations
@@ -318,46 +318,3 @@ class Manifest(_Strict):
             path = path / MANIFEST_FILENAME
         path.write_text(self.to_json(), encoding="utf-8")
         return path
-
-
-def _log_sigmoid(x: np.ndarray) -> np.ndarray:
-    # log(sigmoid(x)) = -softplus(-x), stable for |x| up to the float range
-    return -np.logaddexp(0.0, -x)
-
-
-def log_weights(weights: WeightSpec, M: int, eps_logits: np.ndarray | None = None) -> np.ndarray:
-    """Log mixture weights, shape ``(M,)``, or ``(batch, M)`` for amortized epsilon.
-
-    ``eps_logits`` is the encoders' ``eps_logit`` outputs stacked to ``(batch, M)``; it is needed
-    for ``epsilon="amortized"`` and ignored otherwise. ``eps_1`` is fixed to 1 (log 0), so the
-    first component's logit never matters; the weights sum to 1 in probability space.
-    """
-    if weights.form == "single":
-        if M != 1:
-            raise ValueError("weights form 'single' needs M = 1")
-        return np.zeros(1, dtype=np.float64)
-    if weights.form == "softmax":
-        logits = np.asarray(weights.logits, dtype=np.float64)
-        if logits.shape != (M,):
-            raise ValueError(f"softmax weights need {M} logits, got shape {logits.shape}")
-        shifted = logits - logits.max()
-        return shifted - np.log(np.exp(shifted).sum())
-    if weights.epsilon == "amortized":
-        if eps_logits is None:
-            raise ValueError("amortized epsilon needs the encoders' eps_logits")
-        logits = np.asarray(eps_logits, dtype=np.float64)
-        if logits.ndim != 2 or logits.shape[1] != M:
-            raise ValueError(f"eps_logits must have shape (batch, {M}), got {logits.shape}")
-    else:
-        logits = np.asarray(weights.eps_logits, dtype=np.float64)
-        if logits.shape != (M,):
-            raise ValueError(f"global epsilon needs {M} logits, got shape {logits.shape}")
-    log_eps = _log_sigmoid(logits)
-    log_one_minus = _log_sigmoid(-logits)
-    # eps_1 = 1: log eps_1 = 0 and component 1 contributes no (1 - eps_1) factor to anyone.
-    log_eps[..., 0] = 0.0
-    # sum_{j>m} log(1 - eps_j): reverse cumulative sum shifted by one
-    suffix = np.cumsum(log_one_minus[..., ::-1], axis=-1)[..., ::-1]
-    tail = np.zeros_like(suffix)
-    tail[..., :-1] = suffix[..., 1:]
-    return log_eps + tail

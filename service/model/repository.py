@@ -1,7 +1,7 @@
 """The model repository: find model folders and check one before anything runs it.
 
 A repository is a folder of model folders, each holding ``manifest.json`` beside its ONNX files
-(see :mod:`service.manifest`). :func:`load_model_dir` validates the manifest and verifies every
+(see :mod:`service.model.manifest`). :func:`load_model_dir` validates the manifest and verifies every
 file's existence, size and SHA-256; it refuses anything else with :class:`ModelRepositoryError`.
 Torch-free.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.manifest import MANIFEST_FILENAME, FileEntry, Manifest
+from service.model.manifest import MANIFEST_FILENAME, FileEntry, Manifest
 
 _CHUNK = 1 << 20
 

@@ -9,10 +9,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.errors import BadRequest, InvalidInput
-from service.manifest import Evaluation, InputSpec, Manifest, Quantization
-from service.preprocess import ImageInput, to_png
-from service.runtime import LogLikelihood, ModelRunner, Posterior, Reconstruction, Samples
+from service.http.errors import BadRequest
+from service.model.errors import InvalidInput
+from service.model.likelihood import LogLikelihood
+from service.model.manifest import Evaluation, InputSpec, Manifest, Quantization
+from service.model.mixture import Posterior
+from service.model.preprocess import ImageInput, to_png
+from service.model.runner import ModelRunner
+from service.serving.jobs import Reconstruction, Samples
 
 # ---------------------------------------------------------------- requests
 
@@ -208,7 +212,7 @@ class ErrorResponse(BaseModel):
 
 
 # The answers hold numpy arrays as they are (float32 for the encoders' and decoder's outputs);
-# the service's JSON response writes them (see service.api.FastJSONResponse).
+# the service's JSON response writes them (see service.http.responses.FastJSONResponse).
 
 
 def _image_array(probabilities: np.ndarray) -> np.ndarray:

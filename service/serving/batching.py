@@ -30,7 +30,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from service.errors import BatchFailed
+from service.model.errors import BatchFailed
 
 log = logging.getLogger("recmix.service")
 

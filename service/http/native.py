@@ -1,0 +1,175 @@
+"""The native API's inference routes: ``POST /encode``, ``/reconstruct``, ``/sample``, ``/loglik``.
+
+Each endpoint is declared once, as an :class:`Endpoint`: its query parameters
+(:class:`service.http.params.Param`), its handler, and its response model. :func:`routes` makes
+them Starlette routes of the app's own router (which answers 405 with ``Allow`` and redirects a
+trailing slash), and :mod:`service.http.openapi` documents them from the same declarations.
+These are plain request-to-response routes, without FastAPI's dependency solver and response
+validation: with batching on, that machinery was about half of the event loop's time per
+``/encode``, and the event loop is what a batching server runs out of first. The checks run in a
+fixed order: API key, model, query parameters, body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service.http import schemas
+from service.http.bodies import read_images, require_api_key
+from service.http.params import SEED, Param, parse_params
+from service.http.responses import FastJSONResponse
+from service.model.errors import InvalidParameter
+from service.model.likelihood import LogLikelihood
+from service.model.mixture import Posterior
+from service.model.preprocess import ImageInput, to_png
+from service.model.runner import ModelRunner
+from service.serving.jobs import Reconstruction, Samples
+from service.serving.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Call:
+    """One inference request, checked: the model it runs on, its images, its parameters."""
+
+    runtime: Runtime
+    runner: ModelRunner
+    images: list[ImageInput]
+    params: dict[str, Any]
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    summary: str
+    description: str
+    handler: Handler
+    response_model: type[BaseModel]
+    params: tuple[Param, ...] = ()
+    success_content: dict[str, Any] = field(default_factory=dict)
+
+
+async def encode(call: Call) -> Response:
+    runner = call.runner
+
+    def answer(posterior: Posterior) -> Response:  # in a worker thread, serialization included
+        return FastJSONResponse(schemas.encode_answer(runner, posterior))
+
+    return await call.runtime.encode(runner, call.images, answer)
+
+
+async def reconstruct(call: Call) -> Response:
+    runner, mode, format = call.runner, call.params["mode"], call.params["format"]
+    if format == "png" and len(call.images) != 1:
+        raise InvalidParameter("format=png answers one image; send one, or ask format=json")
+
+    def answer(result: Reconstruction) -> Response:
+        if format == "png":
+            png = to_png(result.probabilities[0])
+            return Response(png, media_type="image/png", headers={"X-Recmix-Model": runner.name})
+        return FastJSONResponse(schemas.reconstruct_answer(runner, result, mode))
+
+    return await call.runtime.reconstruct(runner, call.images, mode, call.params["seed"], answer)
+
+
+async def sample(call: Call) -> Response:
+    runner, params = call.runner, call.params
+
+    def answer(samples: Samples) -> Response:
+        return FastJSONResponse(schemas.sample_answer(runner, samples, params["image_format"]))
+
+    return await call.runtime.sample(
+        runner, call.images, params["n"], params["decode"], params["seed"], answer
+    )
+
+
+async def loglik(call: Call) -> Response:
+    runner = call.runner
+
+    def answer(estimate: LogLikelihood) -> Response:
+        return FastJSONResponse(schemas.loglik_answer(runner, estimate))
+
+    return await call.runtime.log_likelihood(
+        runner, call.images, call.params["num_samples"], call.params["seed"], answer
+    )
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "/encode",
+        "Encode",
+        "The mixture posterior of each image: every component's weight, mean and variance.",
+        encode,
+        schemas.EncodeResponse,
+    ),
+    Endpoint(
+        "/reconstruct",
+        "Reconstruct",
+        "Decode each image's posterior mean (or a sample) to pixel probabilities.",
+        reconstruct,
+        schemas.ReconstructResponse,
+        (
+            Param("mode", "string", "mixture mean or a sample", "mean", choices=("mean", "sample")),
+            Param("format", "string", "answer type", "png", choices=("png", "json")),
+            SEED,
+        ),
+        {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    ),
+    Endpoint(
+        "/sample",
+        "Sample",
+        "Latent samples z ~ Q(z|x) per image, each with the component it came from.",
+        sample,
+        schemas.SampleResponse,
+        (
+            Param("n", "integer", "samples per image", 1, minimum=1),
+            Param("decode", "boolean", "also decode every sample", False),
+            Param("image_format", "string", "decoded image type", "png", choices=("png", "json")),
+            SEED,
+        ),
+    ),
+    Endpoint(
+        "/loglik",
+        "Loglik",
+        "Importance-sampled log p(x) with the mixture as proposal, and the ELBO.",
+        loglik,
+        schemas.LoglikResponse,
+        (
+            Param(
+                "num_samples",
+                "integer",
+                "importance samples S (default: the server's)",
+                minimum=1,
+            ),
+            SEED,
+        ),
+    ),
+)
+
+
+def routes(runtime: Runtime, api_key: SecretStr | None, max_images: int) -> list[Route]:
+    """The inference endpoints as routes of the app's router, POST only."""
+
+    def route(endpoint: Endpoint) -> Route:
+        async def serve(request: Request) -> Response:
+            require_api_key(request, api_key)
+            query = request.query_params
+            runner = runtime.model(query.get("model"))
+            request.state.model_name = runner.name  # the metrics' model label, a loaded name
+            params = parse_params(endpoint.params, query)
+            images = await read_images(request, max_images)
+            return await endpoint.handler(Call(runtime, runner, images, params))
+
+        name = endpoint.path.strip("/")
+        return Route(endpoint.path, serve, methods=["POST"], name=name, include_in_schema=False)
+
+    return [route(endpoint) for endpoint in ENDPOINTS]
