@@ -1,11 +1,18 @@
-"""Helpers shared by the service tests: test images and apps built on a model repository."""
+"""Helpers shared by the service tests: test images, settings, and the real server process."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -41,3 +48,63 @@ def settings_for(repo: Path, **overrides: Any) -> Settings:
         **overrides,
     }
     return Settings(**values)
+
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """``python -m service`` (what ``recmix-serve`` runs) on a free loopback port."""
+
+    def __init__(self, repo: Path | None, *flags: str) -> None:
+        """``repo=None``: no model flags at all, from the repository root (the shipped models)."""
+        self.port = _free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECMIX_")}
+        command = [sys.executable, "-m", "service", "--host", HOST, "--port", str(self.port)]
+        if repo is not None:
+            command += ["--model-dir", str(repo), "--default-model", "tiny-recmix"]
+        self.process = subprocess.Popen(
+            [*command, *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            cwd=ROOT,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("server not ready in time")
+
+    def output(self) -> str:
+        if self.process.poll() is None:
+            self.stop()
+        assert self.process.stdout is not None
+        return self.process.stdout.read()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

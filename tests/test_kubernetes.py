@@ -2,21 +2,23 @@
 
 - Deployment, Service, HorizontalPodAutoscaler and PodDisruptionBudget: kubernetes-validate's
   bundled schemas of one Kubernetes version, in strict mode (an unknown field fails).
-- ServiceMonitor: the prometheus-operator's published CRD (``tests/schemas/``); its
-  ``openAPIV3Schema`` refuses unknown fields here, as the API server's strict field validation
-  (``kubectl apply``'s default) does.
-- InferenceService: KServe's published *minimal* CRD (``tests/schemas/``), which leaves ``spec``
-  open, so the predictor is also checked part by part: KServe's PredictorSpec inlines a pod spec,
-  checked against Kubernetes' PodSpec schema, beside KServe's component settings (replicas,
-  autoscaling), checked by name and type.
-- What ties the files together: selectors, port names, probe paths, the termination grace period.
+- ServiceMonitor and InferenceService: the published CRDs of the prometheus-operator and of
+  KServe (its *full* CRD, whose predictor inlines every PodSpec field beside KServe's own), stored
+  verbatim in ``tests/schemas/``. Their ``openAPIV3Schema`` refuses unknown fields here, as the API
+  server's strict field validation (``kubectl apply``'s default) does; ``metadata``, which a CRD
+  leaves open, is checked against Kubernetes' ObjectMeta, as the API server checks it.
+- What ties the files together: selectors, port names, probe paths, the termination grace period,
+  the autoscaling.
 
-Every validator is also shown a broken manifest, which it must reject.
+Every validator is also shown broken manifests, which it must reject for the intended reason.
 """
 
 from __future__ import annotations
 
 import copy
+import gzip
+import hashlib
+import re
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -36,7 +38,7 @@ MONITORING = KUBE / "monitoring"
 KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 SERVICEMONITOR_CRD = SCHEMAS / "monitoring.coreos.com_servicemonitors.yaml"
-INFERENCESERVICE_CRD = SCHEMAS / "serving.kserve.io_inferenceservices.minimal.yaml"
+INFERENCESERVICE_CRD = SCHEMAS / "serving.kserve.io_inferenceservices.yaml.gz"
 
 # The Kubernetes version whose schemas kubernetes-validate checks against (the newest it bundles
 # when this was written; a kubernetes-validate without it fails the tests, it does not skip them).
@@ -44,25 +46,8 @@ KUBERNETES_VERSION = "1.37"
 CORE_FILES = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"]
 NAME = "recmix"
 PORT = 8000
-
-# KServe's ComponentExtensionSpec (pkg/apis/serving/v1beta1/component.go): the predictor's
-# settings beside its inlined pod spec, with the JSON type of each. Names and types from KServe's
-# Go types, not a published schema: the minimal CRD does not describe them.
-COMPONENT_EXTENSION_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "minReplicas": int,
-    "maxReplicas": int,
-    "scaleTarget": int,
-    "scaleMetric": str,
-    "containerConcurrency": int,
-    "timeout": int,
-    "canaryTrafficPercent": int,
-    "logger": dict,
-    "batcher": dict,
-    "labels": dict,
-    "annotations": dict,
-    "deploymentStrategy": dict,
-}
-SCALE_METRICS = {"cpu", "memory", "concurrency", "rps"}  # its ScaleMetric enum
+# libyaml's loader where PyYAML has it: KServe's full CRD is about 2 MB of YAML
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -75,6 +60,16 @@ def _documents(path: Path) -> list[dict[str, Any]]:
 
 def _one(path: Path) -> dict[str, Any]:
     docs = _documents(path)
+    assert len(docs) == 1, f"{path.name}: expected one document, found {len(docs)}"
+    return docs[0]
+
+
+@cache
+def _crd(path: Path) -> dict[str, Any]:
+    """A stored CRD (gzip-compressed where its name ends in .gz), loaded once per session."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        docs = [doc for doc in yaml.load_all(f, Loader=YAML_LOADER) if doc is not None]
     assert len(docs) == 1, f"{path.name}: expected one document, found {len(docs)}"
     return docs[0]
 
@@ -126,7 +121,7 @@ def validate_core(doc: dict[str, Any]) -> None:
 
 @cache
 def _kubernetes_type_validator(filename: str) -> jsonschema.protocols.Validator:
-    """A validator of one Kubernetes type (a PodSpec, an ObjectMeta) rather than a whole object.
+    """A validator of one Kubernetes type (an ObjectMeta) rather than a whole object.
 
     kubernetes_validate.validate finds a schema from an object's apiVersion and kind, which an
     embedded type has not; this loads the same strict schema files as it does, the same way.
@@ -138,12 +133,12 @@ def _kubernetes_type_validator(filename: str) -> jsonschema.protocols.Validator:
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
-def validate_pod_spec(pod_spec: dict[str, Any]) -> None:
-    _kubernetes_type_validator("podspec-v1.json").validate(pod_spec)
-
-
-def validate_object_meta(metadata: dict[str, Any]) -> None:
-    _kubernetes_type_validator("objectmeta-meta-v1.json").validate(metadata)
+def validate_object_meta(doc: dict[str, Any]) -> None:
+    """An object's metadata, which a CRD's schema leaves open (``type: object``)."""
+    validator = _kubernetes_type_validator("objectmeta-meta-v1.json")
+    for error in validator.iter_errors(doc["metadata"]):
+        error.path.appendleft("metadata")  # where it is in the whole object, as other errors say
+        raise error
 
 
 def _refuse_unknown_fields(schema: Any) -> Any:
@@ -174,8 +169,9 @@ def _refuse_unknown_fields(schema: Any) -> Any:
 
 @cache
 def _crd_validator(path: Path, version: str) -> jsonschema.protocols.Validator:
-    crd = _one(path)
-    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    """The stored CRD's schema of one version, strict; built once per session."""
+    (served,) = [v for v in _crd(path)["spec"]["versions"] if v["name"] == version]
+    assert served["served"], f"{path.name}: {version} is not served"
     schema = _refuse_unknown_fields(served["schema"]["openAPIV3Schema"])
     # OpenAPI 3.0 schema objects are JSON Schema draft 4 in substance (boolean exclusiveMinimum
     # and exclusiveMaximum included); unknown keywords (x-kubernetes-*) are ignored.
@@ -185,20 +181,12 @@ def _crd_validator(path: Path, version: str) -> jsonschema.protocols.Validator:
 
 def validate_servicemonitor(doc: dict[str, Any]) -> None:
     _crd_validator(SERVICEMONITOR_CRD, "v1").validate(doc)
-    validate_object_meta(doc["metadata"])
+    validate_object_meta(doc)
 
 
 def validate_inferenceservice(doc: dict[str, Any]) -> None:
     _crd_validator(INFERENCESERVICE_CRD, "v1beta1").validate(doc)
-    validate_object_meta(doc["metadata"])
-    predictor = doc["spec"]["predictor"]
-    settings = {k: v for k, v in predictor.items() if k in COMPONENT_EXTENSION_FIELDS}
-    for key, value in settings.items():
-        expected = COMPONENT_EXTENSION_FIELDS[key]
-        if not isinstance(value, expected) or isinstance(value, bool):
-            raise jsonschema.ValidationError(f"spec.predictor.{key}: {value!r} is not {expected}")
-    pod_spec = {k: v for k, v in predictor.items() if k not in COMPONENT_EXTENSION_FIELDS}
-    validate_pod_spec(pod_spec)
+    validate_object_meta(doc)
 
 
 # --- the published schemas on disk ----------------------------------------------------------------
@@ -212,10 +200,34 @@ def validate_inferenceservice(doc: dict[str, Any]) -> None:
     ],
 )
 def test_stored_crds_are_valid_custom_resource_definitions(path: Path, group: str, kind: str):
-    crd = _one(path)
+    crd = _crd(path)
     validate_core(crd)
     assert crd["spec"]["group"] == group
     assert crd["spec"]["names"]["kind"] == kind
+
+
+def _schema_records() -> dict[str, tuple[int, str]]:
+    """file name -> (size, sha256) of the upstream bytes, from the table in the README."""
+    records = {}
+    for line in (SCHEMAS / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            size = re.match(r"([0-9,]+) bytes", cells[3])
+            assert size, f"README.md: no size in bytes in {line!r}"
+            records[cells[0].strip("`")] = (int(size[1].replace(",", "")), cells[4].strip("`"))
+    return records
+
+
+def test_stored_schemas_are_the_upstream_files_the_readme_records():
+    """Each file is the upstream one, byte for byte (the .gz decompressed), as recorded."""
+    stored = sorted(p.name for p in SCHEMAS.iterdir() if p.name != "README.md")
+    records = _schema_records()
+    assert sorted(records) == stored
+    for name in stored:
+        data = (SCHEMAS / name).read_bytes()
+        if name.endswith(".gz"):
+            data = gzip.decompress(data)
+        assert (len(data), hashlib.sha256(data).hexdigest()) == records[name], name
 
 
 # --- schema validation ----------------------------------------------------------------------------
@@ -231,62 +243,152 @@ def test_servicemonitor_matches_its_crd():
     validate_servicemonitor(manifest("ServiceMonitor"))
 
 
-def test_inferenceservice_matches_its_crd_and_pod_spec():
+def test_inferenceservice_matches_its_crd():
     validate_inferenceservice(manifest("InferenceService"))
 
 
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    """Breaks a manifest: sets the value at a dotted path (numbers index lists)."""
-
-    def apply(doc: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node: Any = doc
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        node[int(last) if isinstance(node, list) else last] = value
-
-    return apply
+REMOVED = object()  # in BROKEN: the field is deleted
 
 
-BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], Callable[[dict[str, Any]], None]]] = [
-    ("Deployment", _set("spec.replicas", "2"), validate_core),
+def _set(doc: dict[str, Any], path: str, value: Any) -> None:
+    """Breaks a manifest: sets (or with REMOVED deletes) the value at a dotted path; numbers
+    index lists."""
+    *parents, last = path.split(".")
+    node: Any = doc
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    key: Any = int(last) if isinstance(node, list) else last
+    if value is REMOVED:
+        del node[key]
+    else:
+        node[key] = value
+
+
+# kind, the dotted path that is set or removed, the value, its validator, and the schema keyword
+# that must reject it: "additionalProperties" (an unknown field) and "required" (a missing one)
+# are reported at the parent object and name the field, the others at the path itself.
+BROKEN: list[tuple[str, str, Any, Callable[[dict[str, Any]], None], str]] = [
+    ("Deployment", "spec.replicas", "2", validate_core, "type"),
     (
         "Deployment",
-        _set("spec.template.spec.containers.0.readinessProbe.httpGet.paht", "/readyz"),
+        "spec.template.spec.containers.0.readinessProbe.httpGet.paht",
+        "/readyz",
         validate_core,
+        "additionalProperties",
     ),
-    ("Deployment", _set("spec.template.spec.terminationGracePeriod", 40), validate_core),
-    ("Service", _set("spec.ports.0.port", "8000"), validate_core),
-    ("HorizontalPodAutoscaler", _set("spec.minReplicas", 2.5), validate_core),
-    ("PodDisruptionBudget", _set("spec.minAvailabe", 1), validate_core),
-    ("ServiceMonitor", _set("spec.endpoints.0.interval", "15 seconds"), validate_servicemonitor),
-    ("ServiceMonitor", _set("spec.endpoints.0.portName", "http"), validate_servicemonitor),
-    ("ServiceMonitor", _set("spec.selector", ["recmix"]), validate_servicemonitor),
-    ("InferenceService", _set("spec", "recmix"), validate_inferenceservice),
-    ("InferenceService", _set("specs", {}), validate_inferenceservice),
-    ("InferenceService", _set("spec.predictor.minReplicas", "2"), validate_inferenceservice),
+    (
+        "Deployment",
+        "spec.template.spec.terminationGracePeriod",
+        40,
+        validate_core,
+        "additionalProperties",
+    ),
+    ("Service", "spec.ports.0.port", "8000", validate_core, "type"),
+    ("HorizontalPodAutoscaler", "spec.minReplicas", 2.5, validate_core, "type"),
+    ("PodDisruptionBudget", "spec.minAvailabe", 1, validate_core, "additionalProperties"),
+    (
+        "ServiceMonitor",
+        "spec.endpoints.0.interval",
+        "15 seconds",
+        validate_servicemonitor,
+        "pattern",
+    ),
+    (
+        "ServiceMonitor",
+        "spec.endpoints.0.portName",
+        "http",
+        validate_servicemonitor,
+        "additionalProperties",
+    ),
+    ("ServiceMonitor", "spec.selector", ["recmix"], validate_servicemonitor, "type"),
+    ("ServiceMonitor", "spec.endpoints", REMOVED, validate_servicemonitor, "required"),
+    ("ServiceMonitor", "metadata.label", {}, validate_servicemonitor, "additionalProperties"),
+    ("InferenceService", "spec", "recmix", validate_inferenceservice, "type"),
+    ("InferenceService", "specs", {}, validate_inferenceservice, "additionalProperties"),
+    ("InferenceService", "spec.predictor", REMOVED, validate_inferenceservice, "required"),
+    ("InferenceService", "spec.predictor.minReplicas", "2", validate_inferenceservice, "type"),
+    ("InferenceService", "spec.predictor.scaleMetric", "gpu", validate_inferenceservice, "enum"),
     # Not a field of the predictor: a custom predictor names its protocol in the PROTOCOL env.
-    ("InferenceService", _set("spec.predictor.protocolVersion", "v2"), validate_inferenceservice),
     (
         "InferenceService",
-        _set("spec.predictor.containers.0.ports.0.containerPort", "8000"),
+        "spec.predictor.protocolVersion",
+        "v2",
         validate_inferenceservice,
+        "additionalProperties",
     ),
-    ("InferenceService", _set("metadata.annotation", {}), validate_inferenceservice),
+    # the pod spec that the predictor inlines
+    (
+        "InferenceService",
+        "spec.predictor.terminationGracePeriod",
+        40,
+        validate_inferenceservice,
+        "additionalProperties",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.containers.0.ports.0.containerPort",
+        "8000",
+        validate_inferenceservice,
+        "type",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.containers.0.readinessProbe.httpGet.paht",
+        "/v2/health/ready",
+        validate_inferenceservice,
+        "additionalProperties",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.containers.0.name",
+        REMOVED,
+        validate_inferenceservice,
+        "required",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.containers.0.securityContext.capabilities.drop",
+        "ALL",
+        validate_inferenceservice,
+        "type",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.volumes.0.emptyDir.sizeLimit",
+        "128 MB",
+        validate_inferenceservice,
+        "pattern",
+    ),
+    (
+        "InferenceService",
+        "metadata.annotation",
+        {},
+        validate_inferenceservice,
+        "additionalProperties",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("kind", "breaks", "validator"),
+    ("kind", "path", "value", "validator", "keyword"),
     BROKEN,
-    ids=[f"{kind}-{i}" for i, (kind, _, _) in enumerate(BROKEN)],
+    ids=[f"{kind}-{path}" for kind, path, *_ in BROKEN],
 )
-def test_validators_reject_broken_manifests(kind: str, breaks, validator):
+def test_validators_reject_broken_manifests(kind: str, path: str, value: Any, validator, keyword):
     doc = manifest(kind)
     validator(doc)  # whole, it passes
-    breaks(doc)
-    with pytest.raises(jsonschema.ValidationError):
+    _set(doc, path, value)
+    with pytest.raises(jsonschema.ValidationError) as caught:
         validator(doc)
+    error = caught.value
+    where = ".".join(str(part) for part in error.absolute_path)
+    assert error.validator == keyword, f"{where}: {error.message}"
+    if keyword in ("additionalProperties", "required"):
+        *parent, field = path.split(".")
+        assert where == ".".join(parent), error.message
+        assert repr(field) in error.message
+    else:
+        assert where == path, error.message
 
 
 # --- kustomize ------------------------------------------------------------------------------------
@@ -427,8 +529,15 @@ def test_inferenceservice_runs_the_image_as_a_v2_custom_predictor():
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     predictor = isvc["spec"]["predictor"]
-    assert predictor["minReplicas"] <= predictor["maxReplicas"]
-    assert predictor["scaleMetric"] in SCALE_METRICS
+    # KServe's HPA scales like the plain one: as many pods, on the same CPU utilisation
+    hpa = manifest("HorizontalPodAutoscaler")["spec"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (
+        hpa["minReplicas"],
+        hpa["maxReplicas"],
+    )
+    (metric,) = hpa["metrics"]
+    assert predictor["scaleMetric"] == metric["resource"]["name"] == "cpu"
+    assert predictor["scaleTarget"] == metric["resource"]["target"]["averageUtilization"]
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"
     deployment_pod = manifest("Deployment")["spec"]["template"]["spec"]
