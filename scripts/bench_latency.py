@@ -46,10 +46,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(model_dir: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", HOST]
-    command += ["--port", str(port), "--log-level", "warning", "--drain-seconds", "0", *extra]
-    process = subprocess.Popen(command)
+def start_server(
+    model_dir: Path, port: int, extra: list[str], source: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m service`` on ``port``; from the checkout at ``source`` when given (its
+    ``service`` package comes first on the path), to compare two versions in one run."""
+    command = [sys.executable, "-m", "service", "--model-dir", str(model_dir.resolve())]
+    command += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
+    command += ["--drain-seconds", "0", *extra]
+    process = subprocess.Popen(command, cwd=source)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -25,6 +25,9 @@ Writes ``load.md`` (the table and the target figures), ``load.json`` and ``load.
     python scripts/bench_load.py --concurrency 1 32 --memory-seconds 10 \
         --server sequential="--encode-mode sequential" --server fused="--encode-mode fused" \
         --server concurrent="--encode-mode concurrent" --out results/load/encode_modes_http
+    git worktree add ../recmix-before HEAD~1      # then, the two versions in one run:
+    python scripts/bench_load.py --server before= --server after= \
+        --source before=../recmix-before --compare after=before --out results/load/layers
 """
 
 from __future__ import annotations
@@ -389,6 +392,28 @@ def targets(rows: list[dict], memory: list[tuple[float, float]], models: list[st
     return out
 
 
+def compare(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Server A against server B, per model and concurrency: p50 and throughput ratios."""
+    by = {(r["model"], r["server"], r["concurrency"]): r for r in rows}
+    out = []
+    for a, b in pairs:
+        for model, server, c in by:
+            if server == a and (model, b, c) in by:
+                ra, rb = by[model, a, c], by[model, b, c]
+                out.append(
+                    {
+                        "model": model,
+                        "servers": f"{a} / {b}",
+                        "concurrency": c,
+                        "p50_ratio": ra["p50_ms"] / rb["p50_ms"],
+                        "throughput_ratio": ra["throughput_rps"] / rb["throughput_rps"],
+                        "cpu_per_request_ratio": ra["server_cpu_ms_per_request"]
+                        / rb["server_cpu_ms_per_request"],
+                    }
+                )
+    return out
+
+
 def markdown(report: dict, command: str) -> str:
     lines = [
         f"Made by `{command}` on {report['machine']}; load generator: {report['client']}.",
@@ -404,6 +429,18 @@ def markdown(report: dict, command: str) -> str:
             f"{r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['errors']} | {per_run} | {r['server_cpu_ms_per_request']:.2f} |"
         )
+    if report.get("comparisons"):
+        lines += [
+            "",
+            "| model | servers | concurrency | p50 ratio | throughput ratio | "
+            "server CPU per request ratio |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in report["comparisons"]:
+            lines.append(
+                f"| {r['model']} | {r['servers']} | {r['concurrency']} | {r['p50_ratio']:.3f} | "
+                f"{r['throughput_ratio']:.3f} | {r['cpu_per_request_ratio']:.3f} |"
+            )
     t = report["targets"]
     lines += ["", "| figure | value |", "|---|---|"]
     for key, value in t.items():
@@ -483,16 +520,38 @@ def main() -> None:
         help="a server to start: a name and its recmix-serve flags (repeat; default: "
         f"{' and '.join(repr(s) for s in DEFAULT_SERVERS)})",
     )
+    parser.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="run the server NAME from the checkout DIR (another version of the service, to "
+        "compare with this one in the same run; e.g. a `git worktree` of an earlier commit)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="A=B",
+        help="also report server A's p50 and throughput over server B's at every concurrency",
+    )
     parser.add_argument("--out", type=Path, help="write load.md, load.json and load.png here")
     args = parser.parse_args()
     servers = dict(s.partition("=")[::2] for s in args.server or DEFAULT_SERVERS)
+    sources = {k: Path(v) for k, v in (s.partition("=")[::2] for s in args.source)}
+    comparisons = [tuple(c.partition("=")[::2]) for c in args.compare]
+    for name in [*sources, *(n for pair in comparisons for n in pair)]:
+        if name not in servers:
+            parser.error(f"no server named {name!r}; servers: {', '.join(servers)}")
 
     processes: dict[str, subprocess.Popen[bytes]] = {}
     ports = {}
     try:
         for name, flags in servers.items():
             ports[name] = free_port()
-            processes[name] = start_server(args.model_dir, ports[name], shlex.split(flags))
+            processes[name] = start_server(
+                args.model_dir, ports[name], shlex.split(flags), sources.get(name)
+            )
         pids = {k: p.pid for k, p in processes.items()}
         with tempfile.TemporaryDirectory() as folder:
             wrk = Wrk(test_image(None), Path(folder)) if args.client == "wrk" else None
@@ -508,10 +567,12 @@ def main() -> None:
         "client": wrk_version() if args.client == "wrk" else "the asyncio client of this script",
         "models": args.models,
         "servers": servers,
+        "sources": {k: str(v) for k, v in sources.items()},
         "settings": vars(args) | {"model_dir": str(args.model_dir), "out": str(args.out)},
         **result,
     }
     report["targets"] = targets(report["rows"], report["memory"], args.models)
+    report["comparisons"] = compare(report["rows"], comparisons)
     command = shlex.join(["python", "scripts/bench_load.py", *sys.argv[1:]])
     text = markdown(report, command)
     print(text)
