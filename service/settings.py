@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     decode_batch_size: int = Field(
         default=2048, ge=1, description="latent samples per decoder call in /loglik and /sample"
     )
+    opentelemetry: bool = Field(
+        default=False,
+        description="FastAPI's own OpenTelemetry instrumentation (traces, metrics and logs to the "
+        "OpenTelemetry providers the process configures); off, it costs nothing per request. The "
+        "Prometheus metrics at /metrics are always on",
+    )
     # request limits
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1, description="largest request body (bytes)"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.http.metrics import METRIC_NAMES
+from service.http import errors as http_errors
 from service.model import errors
 from service.settings import Settings
 
@@ -30,9 +31,11 @@ def test_every_setting_is_documented(service_section: str) -> None:
 def test_every_error_code_is_documented(service_section: str) -> None:
     codes = {
         cls.code
-        for cls in vars(errors).values()
+        for module in (errors, http_errors)
+        for cls in vars(module).values()
         if isinstance(cls, type) and issubclass(cls, errors.RecmixError)
     }
+    assert {"bad_request", "unauthorized", "model_not_found"} <= codes
     for code in codes - {"internal_error"}:
         assert f"`{code}`" in service_section, code
 

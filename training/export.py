@@ -1,5 +1,5 @@
 """Export a trained model to a model folder: one ONNX graph per encoder component, the decoder, a
-fused graph of all components, and `manifest.json` (schema in `service/manifest.py`).
+fused graph of all components, and `manifest.json` (schema in `service/model/manifest.py`).
 
 Right after export, onnxruntime must reproduce PyTorch on real test images (max abs difference at
 most 1e-4 for means, log-variances, log-weights and logits); the export fails otherwise.

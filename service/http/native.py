@@ -20,6 +20,7 @@ from pydantic import BaseModel, SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from service.http import schemas
 from service.http.bodies import read_images, require_api_key
@@ -156,20 +157,46 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 
+class _Serve:
+    """One endpoint as a plain ASGI app, the route's endpoint: it takes the request, runs the
+    checks in order and answers. An error propagates to the app's exception middleware and its
+    handlers (``service.http.errors``), as any route's does."""
+
+    def __init__(
+        self, endpoint: Endpoint, runtime: Runtime, api_key: SecretStr | None, max_images: int
+    ) -> None:
+        self.endpoint = endpoint
+        self.runtime = runtime
+        self.api_key = api_key
+        self.max_images = max_images
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        require_api_key(request, self.api_key)
+        query = request.query_params
+        runner = self.runtime.model(query.get("model"))
+        scope.setdefault("state", {})["model_name"] = (
+            runner.name
+        )  # the metrics' model label, a loaded name
+        params = parse_params(self.endpoint.params, query)
+        images = await read_images(request, self.max_images)
+        call = Call(self.runtime, runner, images, params)
+        response = await self.endpoint.handler(call)
+        await response(scope, receive, send)
+
+
 def routes(runtime: Runtime, api_key: SecretStr | None, max_images: int) -> list[Route]:
-    """The inference endpoints as routes of the app's router, POST only."""
-
-    def route(endpoint: Endpoint) -> Route:
-        async def serve(request: Request) -> Response:
-            require_api_key(request, api_key)
-            query = request.query_params
-            runner = runtime.model(query.get("model"))
-            request.state.model_name = runner.name  # the metrics' model label, a loaded name
-            params = parse_params(endpoint.params, query)
-            images = await read_images(request, max_images)
-            return await endpoint.handler(Call(runtime, runner, images, params))
-
-        name = endpoint.path.strip("/")
-        return Route(endpoint.path, serve, methods=["POST"], name=name, include_in_schema=False)
-
-    return [route(endpoint) for endpoint in ENDPOINTS]
+    """The inference endpoints as routes of the app's router, POST only (the router answers
+    another method with a 405 and ``Allow: POST``). Each route's endpoint is an ASGI app
+    (:class:`_Serve`), which Starlette calls as it is, without wrapping it in a request-response
+    adapter and a second exception handler of its own."""
+    return [
+        Route(
+            e.path,
+            _Serve(e, runtime, api_key, max_images),
+            methods=["POST"],
+            name=e.path.strip("/"),
+            include_in_schema=False,
+        )
+        for e in ENDPOINTS
+    ]
