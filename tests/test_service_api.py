@@ -492,6 +492,12 @@ def test_unknown_route_and_method(client: TestClient) -> None:
         assert moved.headers["location"].endswith(f"{path}?model=tiny-vae")
     answer = client.post("/encode/?model=tiny-vae", files=_files(png()), follow_redirects=True)
     assert answer.status_code == 200 and answer.json()["model"] == "tiny-vae"
+    # the fixed-path routes match their path exactly, nothing that starts with it
+    for path in ("/encodex", "/encode/x", "/Encode"):
+        _error(client.post(path, files=_files(png())), 404, "not_found")
+    # a repeated query parameter: the last one counts
+    twice = client.post("/encode?model=nope&model=tiny-vae", files=_files(png()))
+    assert twice.status_code == 200 and twice.json()["model"] == "tiny-vae"
 
 
 # ---------------------------------------------------------------- query parameters

@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route, get_route_path
 from starlette.types import Receive, Scope, Send
 
 from service.http import schemas
@@ -173,7 +174,10 @@ class _Serve:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         require_api_key(request, self.api_key)
-        query = request.query_params
+        # the standard library's parse, as Starlette's QueryParams does, without building its
+        # multi-dict (about 3 % of the event loop's time per /encode under load); the last of a
+        # repeated name wins, as there
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
         runner = self.runtime.model(query.get("model"))
         scope.setdefault("state", {})["model_name"] = (
             runner.name
@@ -185,13 +189,26 @@ class _Serve:
         await response(scope, receive, send)
 
 
+class StaticRoute(Route):
+    """A route of a fixed path, matched by comparing the path instead of a regular expression
+    and a copy of the path parameters (there are none): the router tries these routes first for
+    every request, and under load the general match was about 2 % of the event loop's time."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http" or get_route_path(scope) != self.path:
+            return Match.NONE, {}
+        child_scope = {"endpoint": self.endpoint, "path_params": {}}
+        allowed = self.methods is None or scope["method"] in self.methods
+        return (Match.FULL if allowed else Match.PARTIAL), child_scope
+
+
 def routes(runtime: Runtime, api_key: SecretStr | None, max_images: int) -> list[Route]:
     """The inference endpoints as routes of the app's router, POST only (the router answers
     another method with a 405 and ``Allow: POST``). Each route's endpoint is an ASGI app
     (:class:`_Serve`), which Starlette calls as it is, without wrapping it in a request-response
     adapter and a second exception handler of its own."""
     return [
-        Route(
+        StaticRoute(
             e.path,
             _Serve(e, runtime, api_key, max_images),
             methods=["POST"],

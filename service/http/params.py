@@ -4,10 +4,9 @@ same declaration in the OpenAPI schema."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-
-from starlette.datastructures import QueryParams
 
 from service.model.errors import InvalidParameter
 
@@ -72,7 +71,7 @@ MODEL = Param("model", "string", "model name (default: the server's default mode
 SEED = Param("seed", "integer", "random seed, for reproducible draws", minimum=0)
 
 
-def parse_params(params: tuple[Param, ...], query: QueryParams) -> dict[str, Any]:
+def parse_params(params: tuple[Param, ...], query: Mapping[str, str]) -> dict[str, Any]:
     """The endpoint's parameters from the query (unknown names are ignored), or a 422 naming
     every one that is wrong."""
     values: dict[str, Any] = {}
