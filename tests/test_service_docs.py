@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.http.metrics import METRIC_NAMES
 from service.http import errors as http_errors
+from service.http.metrics import METRIC_NAMES
 from service.model import errors
 from service.settings import Settings
 
