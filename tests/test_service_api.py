@@ -492,6 +492,11 @@ def test_unknown_route_and_method(client: TestClient) -> None:
         assert moved.headers["location"].endswith(f"{path}?model=tiny-vae")
     answer = client.post("/encode/?model=tiny-vae", files=_files(png()), follow_redirects=True)
     assert answer.status_code == 200 and answer.json()["model"] == "tiny-vae"
+    # every 405 says what is allowed, the operational routes' too
+    for path in ("/models", "/healthz", "/readyz", "/metrics"):
+        response = client.post(path)
+        _error(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == "GET", path
     # the fixed-path routes match their path exactly, nothing that starts with it
     for path in ("/encodex", "/encode/x", "/Encode"):
         _error(client.post(path, files=_files(png())), 404, "not_found")
