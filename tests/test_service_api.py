@@ -106,6 +106,9 @@ def test_openapi_and_docs(client: TestClient) -> None:
         assert path in schema["paths"]
     body = schema["paths"]["/encode"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
+    # at least one image, as the server requires
+    assert body["application/json"]["schema"]["properties"]["images"]["minItems"] == 1
+    assert body["multipart/form-data"]["schema"]["properties"]["file"]["minItems"] == 1
     for path in ("/encode", "/reconstruct", "/sample", "/loglik"):
         parameters = {p["name"]: p for p in schema["paths"][path]["post"]["parameters"]}
         assert parameters["model"]["in"] == "query" and parameters["model"]["description"]

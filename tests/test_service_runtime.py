@@ -277,6 +277,33 @@ def test_a_graph_onnxruntime_cannot_run_stops_the_start(
         Runtime(settings_for(repo)).load()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("latent_dim", 5, r"tiny-vae.*encoder_1(\.int8)?\.onnx: output 'mean' has shape \[batch, 4\].*latent_dim 5"),
+        ("input.height", 27, r"tiny-vae.*encoder_1(\.int8)?\.onnx: input 'x' has shape \[batch, 1, 28, 28\]"),
+    ],
+)  # fmt: skip
+def test_a_manifest_that_contradicts_its_graphs_stops_the_start(
+    tiny_model_repo: Path, tmp_path: Path, field: str, value: int, message: str
+) -> None:
+    """The graphs are checked against the manifest: /models must not say 5 where /encode gives 4."""
+    repo = _copy_repo(tiny_model_repo, tmp_path)
+    path = repo / "tiny-vae" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    *parents, last = field.split(".")
+    target = manifest
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StartupError, match=message):
+        Runtime(settings_for(repo)).load()
+    runtime = Runtime(settings_for(repo, skip_bad_models=True))
+    runtime.load()
+    assert list(runtime.models) == ["tiny-recmix"]
+
+
 def test_an_empty_repository_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="no model folders"):
         Runtime(settings_for(tmp_path)).load()

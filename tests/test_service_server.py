@@ -105,6 +105,32 @@ def test_concurrent_requests_over_http(server: ServerProcess) -> None:
     assert '"POST /encode' not in server.output()  # no access log line per request by default
 
 
+@pytest.mark.timeout(60)
+def test_a_client_gone_mid_upload_is_counted_apart_not_as_a_5xx(server: ServerProcess) -> None:
+    body = png(4)
+    for path in ("/encode", "/v2/models/tiny-vae/infer"):
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((HOST, server.port), timeout=10) as client:
+            client.sendall(head + body[:20])  # then the client goes away mid-body
+    deadline = time.monotonic() + 10
+    metrics = ""
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{server.url}/metrics").text
+        if 'recmix_client_disconnects_total{endpoint="/v2/models/{name}/infer"} 1.0' in metrics:
+            break
+        time.sleep(0.1)
+    assert 'recmix_client_disconnects_total{endpoint="/encode"} 1.0' in metrics
+    assert 'recmix_client_disconnects_total{endpoint="/v2/models/{name}/infer"} 1.0' in metrics
+    assert 'status_class="5xx"' not in metrics
+    assert "internal_error" not in metrics
+    output = server.output()
+    assert "Traceback" not in output
+    assert output.count("client disconnected before its request body was read") == 2
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sigterm_drains_finishes_in_flight_and_exits_zero(tiny_model_repo: Path) -> None:

@@ -146,7 +146,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def count_error(request: Request, code: str) -> None:
         metrics.child(metrics.errors, labels(request.url.path), code).inc()
 
-    install_handlers(app, count_error)
+    def count_disconnect(request: Request) -> None:
+        metrics.child(metrics.disconnects, labels(request.url.path)).inc()
+
+    install_handlers(app, count_error, count_disconnect)
     # the last added runs first: metrics see every request, including a refused body
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, labels=labels)

@@ -16,8 +16,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.http.v2_tensors import TensorError
 from service.model.errors import (
@@ -115,8 +116,18 @@ def error_response(exc: RecmixError, path: str) -> tuple[str, JSONResponse]:
     return exc.code, error_json(status, exc.code, exc.message, path=path, **exc.details)
 
 
-def install_handlers(app: FastAPI, on_error: Callable[[Request, str], None]) -> None:
-    """Answer every error the routes raise as JSON; ``on_error(request, code)`` counts it."""
+# Not a status of HTTP's own: nginx's "client closed request", for the request log and metrics
+# only, since nobody reads the answer.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def install_handlers(
+    app: FastAPI,
+    on_error: Callable[[Request, str], None],
+    on_disconnect: Callable[[Request], None],
+) -> None:
+    """Answer every error the routes raise as JSON; ``on_error(request, code)`` counts it, and
+    ``on_disconnect(request)`` counts a client gone before its body was read."""
 
     def respond(
         request: Request,
@@ -134,6 +145,13 @@ def install_handlers(app: FastAPI, on_error: Callable[[Request, str], None]) -> 
         code, response = error_response(exc, request.url.path)
         on_error(request, code)
         return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # a client's choice, not a failure of the service: one line, no traceback, no 5xx
+        log.info("client disconnected before its request body was read: %s", request.url.path)
+        on_disconnect(request)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(TensorError)
     async def _tensor_error(request: Request, exc: TensorError) -> JSONResponse:

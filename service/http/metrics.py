@@ -26,6 +26,7 @@ RUN_SIZE = "recmix_run_batch_size"
 QUEUE_DURATION = "recmix_queue_duration_seconds"
 REQUESTS_IN_FLIGHT = "recmix_requests_in_flight"
 ERRORS = "recmix_errors_total"
+DISCONNECTS = "recmix_client_disconnects_total"
 MODEL_INFO = "recmix_model_info"
 
 METRIC_NAMES = (
@@ -36,6 +37,7 @@ METRIC_NAMES = (
     QUEUE_DURATION,
     REQUESTS_IN_FLIGHT,
     ERRORS,
+    DISCONNECTS,
     MODEL_INFO,
 )
 
@@ -96,6 +98,13 @@ class Metrics:
             ERRORS.removesuffix("_total"),
             "Error responses by endpoint and error code.",
             ("endpoint", "kind"),
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            DISCONNECTS.removesuffix("_total"),
+            "Requests whose client went away before its body was read in full, by endpoint: "
+            "not errors of the service, and never counted as 5xx.",
+            ("endpoint",),
             registry=self.registry,
         )
         self.model_info = Gauge(

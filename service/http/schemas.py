@@ -71,6 +71,7 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
                     "properties": {
                         "file": {
                             "type": "array",
+                            "minItems": 1,
                             "items": {"type": "string", "format": "binary"},
                         }
                     },
@@ -83,6 +84,7 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
                     "properties": {
                         "images": {
                             "type": "array",
+                            "minItems": 1,
                             "items": {
                                 "type": "object",
                                 "properties": {

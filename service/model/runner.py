@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from service.model.errors import InvalidParameter
-from service.model.manifest import Precision
+from service.model.graphs import check_session
+from service.model.manifest import FileEntry, Precision
 from service.model.mixture import Posterior, log_weights, logsumexp, sigmoid
 from service.model.repository import ModelFolder
 from service.model.sessions import SessionFactory
@@ -61,13 +62,11 @@ class ModelRunner:
         self.observer = observer or NullObserver()
         self.decode_batch_size = decode_batch_size
         self.precision: Precision = self._choose_precision(encoder_precision, factory.on_gpu)
-        self.components = [
-            factory.session(folder.path_of(f)) for f in manifest.components(self.precision)
-        ]
-        self.decoder = factory.session(folder.path_of(manifest.decoder()))
+        self.components = [self._session(factory, f) for f in manifest.components(self.precision)]
+        self.decoder = self._session(factory, manifest.decoder())
         fused_entry = manifest.fused(self.precision)
         self.fused = (
-            factory.session(folder.path_of(fused_entry))
+            self._session(factory, fused_entry)
             if fused_entry is not None and encode_mode == "fused"
             else None
         )
@@ -90,6 +89,12 @@ class ModelRunner:
             raise ValueError("concurrent encoding needs an executor")
         self.encode_mode: EncodeMode = encode_mode
         self.executor = executor
+
+    def _session(self, factory: SessionFactory, entry: FileEntry) -> Any:
+        """A file's session, its tensors checked against the manifest."""
+        session = factory.session(self.folder.path_of(entry))
+        check_session(self.folder.root, self.manifest, entry, session)
+        return session
 
     def _choose_precision(self, requested: PrecisionChoice, on_gpu: bool) -> Precision:
         shipped = "int8" in self.manifest.precisions()

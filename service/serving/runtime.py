@@ -161,7 +161,11 @@ class Runtime:
                 )
                 seconds = warm_up(runner)
             except Exception as exc:  # onnxruntime raises its own classes for a bad graph
-                message = f"model folder {folder.root}: onnxruntime cannot run it: {exc}"
+                message = (
+                    str(exc)
+                    if isinstance(exc, ModelRepositoryError)  # its graphs contradict the manifest
+                    else f"model folder {folder.root}: onnxruntime cannot run it: {exc}"
+                )
                 if not settings.skip_bad_models:
                     raise StartupError(f"refusing to start: {message}") from exc
                 log.error("skipping a bad model: %s", message)
