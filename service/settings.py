@@ -114,6 +114,29 @@ class Settings(BaseSettings):
         description="largest image (width x height) decoded; larger ones are refused unread",
     )
     max_images_per_request: int = Field(default=256, ge=1, description="images in one request")
+    max_request_pixels: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description="decoded pixels (width x height) of all the images of one request; checked "
+        "from the headers before anything is decoded",
+    )
+    max_loglik_work: int = Field(
+        default=65536,
+        ge=1,
+        description="images x num_samples of one /loglik request (about 3 s on one core here "
+        "for the shipped RecMix); more is refused before any work",
+    )
+    max_sample_draws: int = Field(
+        default=65536,
+        ge=1,
+        description="images x n of one /sample request; more is refused before any work",
+    )
+    max_answer_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="largest answer, estimated before any work (decoded samples and pixels as "
+        "JSON are the large ones); more is refused",
+    )
     resize: Literal["allow", "refuse"] = Field(
         default="allow", description="resize images of another size to the model's, or refuse them"
     )

@@ -747,3 +747,43 @@ def test_json_answers_write_arrays_of_every_layout() -> None:
         "nested": [[[0.0, 0.1, 0.2]], {"z": [0.0, 0.0]}],
         "nan": None,
     }
+
+
+# ---------------------------------------------------------------- cost budgets
+
+
+def test_work_over_budget_is_refused_before_any_work(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, max_loglik_work=100, max_sample_draws=10) as small:
+        three = _files(png(0), png(1), png(2))
+        error = _error(small.post("/loglik?num_samples=50", files=three), 413, "over_budget")
+        assert "150 samples" in error["message"] and "at most 2 images" in error["message"]
+        assert small.post("/loglik?num_samples=50", files=three[:2]).status_code == 200
+        error = _error(small.post("/sample?n=6", files=three[:2]), 413, "over_budget")
+        assert "12 draws" in error["message"] and "limit of 10" in error["message"]
+        assert small.post("/sample?n=5", files=three[:2]).status_code == 200
+        # the Open Inference Protocol's requests share the budget
+        x = {"name": "x", "shape": [3, 1, 28, 28], "datatype": "UINT8", "data": [0] * 3 * 784}
+        v2 = small.post(
+            "/v2/models/tiny-recmix/infer",
+            json={"inputs": [x], "outputs": [{"name": "elbo"}], "parameters": {"num_samples": 50}},
+        )
+        assert v2.status_code == 413 and "at most 2 images" in v2.json()["error"]
+
+
+def test_an_answer_over_budget_is_refused_before_any_work(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, max_answer_bytes=20_000) as small:
+        error = _error(
+            small.post("/sample?n=5&decode=true&image_format=json", files=_files(png())),
+            413,
+            "over_budget",
+        )
+        assert "limit of 20000" in error["message"] and "PNG instead of JSON" in error["message"]
+        assert small.post("/sample?n=5&decode=true", files=_files(png())).status_code == 200
+        assert small.post("/encode", files=_files(png())).status_code == 200
+
+
+def test_the_pixels_of_a_whole_request_are_bounded(tiny_model_repo: Path) -> None:
+    with _client(tiny_model_repo, max_request_pixels=1000) as small:
+        error = _error(small.post("/encode", files=_files(png(0), png(1))), 422, "too_many_pixels")
+        assert "1568 pixels in all" in error["message"] and "several requests" in error["message"]
+        assert small.post("/encode", files=_files(png(0))).status_code == 200

@@ -135,7 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # the inference routes first: the router tries routes in order, and these are the hot ones
     app.router.routes[:0] = native.routes(
-        runtime, settings.api_key, settings.max_images_per_request
+        runtime, settings.api_key, settings.max_images_per_request, settings.max_answer_bytes
     )
     # the routers' routes themselves: an included router resolves every request through a
     # routing layer of its own, and these need none (no prefix, dependencies or tags to add)

@@ -27,7 +27,7 @@ from service.http import schemas
 from service.http.bodies import read_images, require_api_key
 from service.http.params import SEED, Param, parse_params
 from service.http.responses import FastJSONResponse
-from service.model.errors import InvalidParameter
+from service.model.errors import InvalidParameter, OverBudget
 from service.model.likelihood import LogLikelihood
 from service.model.mixture import Posterior
 from service.model.preprocess import ImageInput, to_png
@@ -58,6 +58,37 @@ class Endpoint:
     response_model: type[BaseModel]
     params: tuple[Param, ...] = ()
     success_content: dict[str, Any] = field(default_factory=dict)
+    # an upper bound of the answer's size in bytes, from the model, the images and parameters
+    answer_bytes: Callable[[ModelRunner, int, dict[str, Any]], int] = lambda r, n, p: 0
+
+
+# Bytes per value in a JSON answer, at most: a float64 in shortest form with its comma (a
+# float32 takes fewer), and a pixel of a PNG in base64 with its share of the headers.
+JSON_FLOAT = 24
+PNG_PIXEL = 1.4
+
+
+def _pixels(runner: ModelRunner) -> int:
+    c, h, w = runner.input_shape
+    return c * h * w
+
+
+def _encode_bytes(runner: ModelRunner, images: int, params: dict[str, Any]) -> int:
+    return images * runner.mixture_order * (2 * runner.manifest.latent_dim * JSON_FLOAT + 64)
+
+
+def _reconstruct_bytes(runner: ModelRunner, images: int, params: dict[str, Any]) -> int:
+    per_pixel = JSON_FLOAT if params["format"] == "json" else PNG_PIXEL
+    return int(images * (_pixels(runner) * per_pixel + 256))
+
+
+def _sample_bytes(runner: ModelRunner, images: int, params: dict[str, Any]) -> int:
+    per_draw = runner.manifest.latent_dim * JSON_FLOAT + 64
+    if params["decode"]:
+        per_draw += int(
+            _pixels(runner) * (JSON_FLOAT if params["image_format"] == "json" else PNG_PIXEL)
+        )
+    return images * params["n"] * per_draw
 
 
 async def encode(call: Call) -> Response:
@@ -112,6 +143,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "The mixture posterior of each image: every component's weight, mean and variance.",
         encode,
         schemas.EncodeResponse,
+        answer_bytes=_encode_bytes,
     ),
     Endpoint(
         "/reconstruct",
@@ -125,6 +157,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             SEED,
         ),
         {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        answer_bytes=_reconstruct_bytes,
     ),
     Endpoint(
         "/sample",
@@ -138,6 +171,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Param("image_format", "string", "decoded image type", "png", choices=("png", "json")),
             SEED,
         ),
+        answer_bytes=_sample_bytes,
     ),
     Endpoint(
         "/loglik",
@@ -164,12 +198,18 @@ class _Serve:
     handlers (``service.http.errors``), as any route's does."""
 
     def __init__(
-        self, endpoint: Endpoint, runtime: Runtime, api_key: SecretStr | None, max_images: int
+        self,
+        endpoint: Endpoint,
+        runtime: Runtime,
+        api_key: SecretStr | None,
+        max_images: int,
+        max_answer_bytes: int,
     ) -> None:
         self.endpoint = endpoint
         self.runtime = runtime
         self.api_key = api_key
         self.max_images = max_images
+        self.max_answer_bytes = max_answer_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -184,6 +224,14 @@ class _Serve:
         )  # the metrics' model label, a loaded name
         params = parse_params(self.endpoint.params, query)
         images = await read_images(request, self.max_images)
+        estimate = self.endpoint.answer_bytes(runner, len(images), params)
+        if estimate > self.max_answer_bytes:
+            raise OverBudget(
+                f"the answer would be about {estimate} bytes, more than the limit of "
+                f"{self.max_answer_bytes}: send fewer images per request, or ask for less "
+                "(a smaller n, no decoded images, or PNG instead of JSON pixels)",
+                limit=self.max_answer_bytes,
+            )
         call = Call(self.runtime, runner, images, params)
         response = await self.endpoint.handler(call)
         await response(scope, receive, send)
@@ -202,7 +250,9 @@ class StaticRoute(Route):
         return (Match.FULL if allowed else Match.PARTIAL), child_scope
 
 
-def routes(runtime: Runtime, api_key: SecretStr | None, max_images: int) -> list[Route]:
+def routes(
+    runtime: Runtime, api_key: SecretStr | None, max_images: int, max_answer_bytes: int
+) -> list[Route]:
     """The inference endpoints as routes of the app's router, POST only (the router answers
     another method with a 405 and ``Allow: POST``). Each route's endpoint is an ASGI app
     (:class:`_Serve`), which Starlette calls as it is, without wrapping it in a request-response
@@ -210,7 +260,7 @@ def routes(runtime: Runtime, api_key: SecretStr | None, max_images: int) -> list
     return [
         StaticRoute(
             e.path,
-            _Serve(e, runtime, api_key, max_images),
+            _Serve(e, runtime, api_key, max_images, max_answer_bytes),
             methods=["POST"],
             name=e.path.strip("/"),
             include_in_schema=False,

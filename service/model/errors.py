@@ -65,6 +65,13 @@ class InvalidParameter(RecmixError):
     code = "invalid_parameter"
 
 
+class OverBudget(RecmixError):
+    """A request whose cost (its work, or the size of its answer) is over the server's budget;
+    the message says the limit and how to split the request."""
+
+    code = "over_budget"
+
+
 class BatchFailed(RecmixError):
     """The batched run a request joined failed: every request of that batch gets this."""
 

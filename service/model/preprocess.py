@@ -54,8 +54,9 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_pixels: int
+    max_pixels: int  # of one image
     resize: Literal["allow", "refuse"] = "allow"
+    max_request_pixels: int | None = None  # of all the images of a request
 
 
 @cache
@@ -77,7 +78,7 @@ def preprocess(
     ``pixel_budget``, nothing is decoded and None is returned when the images hold more pixels
     than that in all, so that the caller can do the work elsewhere (off the event loop).
     """
-    opened: list[Image.Image | np.ndarray] = []
+    opened: list[Image.Image | np.ndarray | None] = []
     pixels = 0
     for i, item in enumerate(inputs):
         try:
@@ -91,15 +92,24 @@ def preprocess(
         except RecmixError as exc:
             _name(exc, i, len(inputs))
             raise
+    if limits.max_request_pixels is not None and pixels > limits.max_request_pixels:
+        raise TooManyPixels(
+            f"the {len(inputs)} images hold {pixels} pixels in all, more than the limit of "
+            f"{limits.max_request_pixels} per request; send them in several requests",
+            pixels=pixels,
+            max_request_pixels=limits.max_request_pixels,
+        )
     if pixel_budget is not None and pixels > pixel_budget:
         return None
     batch = np.empty((len(inputs), spec.channels, spec.height, spec.width), dtype=np.float32)
     for i, source in enumerate(opened):
+        assert source is not None
         try:
             batch[i] = _model_input(source, spec, limits)
         except RecmixError as exc:
             _name(exc, i, len(inputs))
             raise
+        opened[i] = None  # one decoded image held at a time, not all of them
     return batch
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import numpy as np
 from anyio import to_thread
 
-from service.model.errors import InvalidParameter, ModelNotFound, NotReady
+from service.model.errors import InvalidParameter, ModelNotFound, NotReady, OverBudget
 from service.model.likelihood import LogLikelihood
 from service.model.mixture import Posterior
 from service.model.preprocess import ImageInput, ImageLimits, Prepared, preprocess
@@ -59,6 +59,23 @@ class StartupError(Exception):
     """The runtime cannot start: no model, a bad model folder, a missing execution provider."""
 
 
+def count(images: Inputs) -> int:
+    """How many images a request holds."""
+    return images.x.shape[0] if isinstance(images, Prepared) else len(images)
+
+
+def _check_work(images: int, per_image: int, limit: int, parameter: str, what: str) -> None:
+    """Refuse, before any work, a request of more than ``limit`` images x ``per_image``."""
+    if images * per_image > limit:
+        fits = max(1, limit // per_image)
+        raise OverBudget(
+            f"{images} images x {parameter}={per_image} is {images * per_image} {what}, more "
+            f"than the limit of {limit} per request: send at most {fits} images per request "
+            f"at this {parameter}, or a smaller {parameter}",
+            limit=limit,
+        )
+
+
 class RuntimeConfig(Protocol):
     """What the runtime reads of the service's settings (:class:`service.settings.Settings`)."""
 
@@ -77,6 +94,9 @@ class RuntimeConfig(Protocol):
     default_loglik_samples: int
     max_loglik_samples: int
     max_samples_per_image: int
+    max_request_pixels: int
+    max_loglik_work: int
+    max_sample_draws: int
 
 
 class Observer(StageObserver, Protocol):
@@ -112,7 +132,7 @@ class Runtime:
         self.models: dict[str, ModelRunner] = {}
         self.default_model: str | None = None
         self.state: State = "starting"
-        self.limits = ImageLimits(settings.max_pixels, settings.resize)
+        self.limits = ImageLimits(settings.max_pixels, settings.resize, settings.max_request_pixels)
         self._executor: ThreadPoolExecutor | None = None
         self._batch_executor: ThreadPoolExecutor | None = None
         self._batchers: dict[tuple[str, Operation], Batcher[Any, Any]] = {}
@@ -309,6 +329,7 @@ class Runtime:
             raise InvalidParameter(
                 f"n={n} exceeds the limit of {self.settings.max_samples_per_image} per image"
             )
+        _check_work(count(images), n, self.settings.max_sample_draws, "n", "draws")
         return await self._submit(
             runner, "sample", images, lambda x: SampleJob(x, n, decode, seed), convert
         )
@@ -327,6 +348,7 @@ class Runtime:
                 f"num_samples={samples} exceeds the limit of {self.settings.max_loglik_samples}"
             )
         runner.check_num_samples(samples)
+        _check_work(count(images), samples, self.settings.max_loglik_work, "num_samples", "samples")
         return await self._submit(
             runner, "loglik", images, lambda x: LoglikJob(x, samples, seed), convert
         )
