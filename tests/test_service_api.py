@@ -495,6 +495,13 @@ def test_unknown_route_and_method(client: TestClient) -> None:
         assert moved.headers["location"].endswith(f"{path}?model=tiny-vae")
     answer = client.post("/encode/?model=tiny-vae", files=_files(png()), follow_redirects=True)
     assert answer.status_code == 200 and answer.json()["model"] == "tiny-vae"
+    # the redirect is relative: never to a host the client named
+    for path in ("/encode", "/models", "/v2/models/tiny-vae/infer"):
+        moved = client.post(
+            f"{path}/?seed=1", headers={"host": "evil.example.com"}, follow_redirects=False
+        )
+        assert moved.status_code == 307
+        assert moved.headers["location"] == f"{path}?seed=1"
     # every 405 says what is allowed, the operational routes' too
     for path in ("/models", "/healthz", "/readyz", "/metrics"):
         response = client.post(path)

@@ -26,6 +26,7 @@ from service.http.errors import install_handlers
 from service.http.metrics import Metrics
 from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware, RouteLabels
 from service.http.operations import operations
+from service.http.redirects import slash_redirects
 from service.serving.runtime import Runtime, StartupError
 from service.settings import Settings
 
@@ -128,6 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry=None
         if settings.opentelemetry
         else {"tracing": False, "metrics": False, "logs": False},
+        # answered by routes of relative redirects instead (service.http.redirects)
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.runtime = runtime
@@ -141,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # routing layer of its own, and these need none (no prefix, dependencies or tags to add)
     app.router.routes.extend(operations.routes)
     app.router.routes.extend(v2.router(runtime, settings).routes)
+    app.router.routes.extend(slash_redirects(app.routes))
     labels = RouteLabels(app.routes)
 
     def count_error(request: Request, code: str) -> None:

@@ -2,8 +2,7 @@
 
 Each endpoint is declared once, as an :class:`Endpoint`: its query parameters
 (:class:`service.http.params.Param`), its handler, and its response model. :func:`routes` makes
-them Starlette routes of the app's own router (which answers 405 with ``Allow`` and redirects a
-trailing slash), and :mod:`service.http.openapi` documents them from the same declarations.
+them Starlette routes of the app's own router (which answers 405 with ``Allow``), and :mod:`service.http.openapi` documents them from the same declarations.
 These are plain request-to-response routes, without FastAPI's dependency solver and response
 validation: with batching on, that machinery was about half of the event loop's time per
 ``/encode``, and the event loop is what a batching server runs out of first. The checks run in a
