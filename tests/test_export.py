@@ -15,7 +15,8 @@ from service.model.manifest import Manifest
 from service.model.mixture import log_weights
 from service.model.repository import ModelRepositoryError, discover, load_model_dir
 from tests.conftest import make_tiny_model
-from training.export import ExportError, check_parity, export_model
+from training.export import export_model
+from training.parity import ExportError, check_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["mnist-recmix", "mnist-vae"]
@@ -98,7 +99,7 @@ def test_int8_copies_are_listed_measured_and_close(tiny_model_repo, mnist_test_i
 
 
 def test_int8_copies_can_be_skipped_or_refused(tmp_path, mnist_test_images, monkeypatch):
-    import training.export as export
+    import training.int8 as int8
 
     model = make_tiny_model("recmix", 2)
     folder = export_model(
@@ -108,7 +109,7 @@ def test_int8_copies_can_be_skipped_or_refused(tmp_path, mnist_test_images, monk
     assert manifest.precisions() == ["float32"] and manifest.quantization is None
     assert not list(folder.glob("*.int8.onnx"))
     # a limit no quantization can meet (it would have to gain a nat per image): not shipped
-    monkeypatch.setattr(export, "INT8_MAX_LOSS", -1.0)
+    monkeypatch.setattr(int8, "INT8_MAX_LOSS", -1.0)
     folder = export_model(model, tmp_path / "refused", parity_images=mnist_test_images[:16])
     manifest = Manifest.load(folder)
     assert manifest.precisions() == ["float32"] and manifest.quantization is None

@@ -2,23 +2,16 @@
 fused graph of all components, and `manifest.json` (schema in `service/model/manifest.py`).
 
 Right after export, onnxruntime must reproduce PyTorch on real test images (max abs difference at
-most 1e-4 for means, log-variances, log-weights and logits); the export fails otherwise.
-
-It also writes int8 copies of the encoder graphs (onnxruntime dynamic quantization of the matmul
-weights: a quarter of the bytes to read per image, which is what batch-1 CPU inference waits on)
-and records what they cost against float32 on the same images: the largest and mean differences of
-the posterior's parameters, and the shift of the importance-sampled log-likelihood with the same
-draws and the same float32 decoder. If that loss exceeds 0.1 nats per image the int8 copies are
-not shipped. The decoder stays float32.
+most 1e-4 for means, log-variances, log-weights and logits; :mod:`training.parity`); the export
+fails otherwise. It also writes int8 copies of the encoder graphs and records what they cost
+against float32 (:mod:`training.int8`); the decoder stays float32.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
-import math
 import shutil
 import tempfile
 import warnings
@@ -26,7 +19,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,32 +30,20 @@ from service.model.manifest import (
     FileEntry,
     InputSpec,
     Manifest,
-    Quantization,
     TensorSpec,
     Versions,
     WeightSpec,
 )
-from service.model.mixture import log_weights
+from service.model.repository import sha256_of
 from training.distributions import recursive_log_weights
+from training.int8 import quantize_encoders
 from training.model import RecMixVAE
+from training.parity import check_parity
 
 log = logging.getLogger("recmix.export")
 
 OPSET = 18
-PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 256
-INT8_METHOD = (
-    "onnxruntime MatMulNBits: matmul weights int8, symmetric, one scale per block of 128 inputs; "
-    "activations quantized per row and block at run time (accuracy level 4); float32 inputs and "
-    "outputs. Per row, so an image's result does not depend on the others in its batch"
-)
-INT8_BLOCK = 128
-INT8_SAMPLES_PER_COMPONENT = 250  # importance samples per component for the log-likelihood shift
-INT8_MAX_LOSS = 0.1  # nats per image: int8 encoders that lose more are not shipped
-
-
-class ExportError(RuntimeError):
-    """The exported graphs do not reproduce the PyTorch model."""
 
 
 class ComponentGraph(nn.Module):
@@ -167,256 +147,16 @@ def _strip_debug_info(path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _entry(path: Path, role: str, component: int | None, inputs, outputs) -> FileEntry:
     return FileEntry(
         path=path.name,
         role=role,  # type: ignore[arg-type]
         component=component,
-        sha256=_sha256(path),
+        sha256=sha256_of(path),
         size_bytes=path.stat().st_size,
         inputs=[TensorSpec(name=n, shape=s) for n, s in inputs],
         outputs=[TensorSpec(name=n, shape=s) for n, s in outputs],
     )
-
-
-def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
-    return float(np.max(np.abs(a - b.detach().cpu().numpy()))) if a.size else 0.0
-
-
-def _run(folder: Path, entry: FileEntry, feed: np.ndarray) -> list[np.ndarray]:
-    """Every output of one graph of the folder on ``feed``, in onnxruntime on the CPU."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(folder / entry.path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {entry.inputs[0].name: feed})
-
-
-def check_parity(
-    model: RecMixVAE, folder: Path, manifest: Manifest, x: torch.Tensor
-) -> dict[str, float]:
-    """Max abs difference between onnxruntime and PyTorch for every graph; raises ExportError."""
-
-    def run(entry: FileEntry, feed: np.ndarray) -> list[np.ndarray]:
-        return _run(folder, entry, feed)
-
-    xs = x.numpy().astype(np.float32)
-    diffs: dict[str, float] = {}
-    with torch.no_grad():
-        mean, logvar, eps_logits = model.encode_components(x)
-        log_w = model.encode(x).log_weights
-        ort_eps = []
-        for entry in manifest.components():
-            m = entry.component - 1  # type: ignore[operator]
-            outs = run(entry, xs)
-            diffs[f"component_{m + 1}.mean"] = _max_diff(outs[0], mean[:, m])
-            diffs[f"component_{m + 1}.logvar"] = _max_diff(outs[1], logvar[:, m])
-            if model.amortized:
-                diffs[f"component_{m + 1}.eps_logit"] = _max_diff(outs[2], eps_logits[:, m])
-                ort_eps.append(outs[2])
-
-        lw = log_weights(
-            manifest.weights, manifest.mixture_order, np.stack(ort_eps, 1) if ort_eps else None
-        )
-        diffs["log_weights(components)"] = _max_diff(np.broadcast_to(lw, log_w.shape), log_w)
-        fused = manifest.fused()
-        if fused is not None:
-            f_mean, f_logvar, f_lw = run(fused, xs)
-            diffs["fused.means"] = _max_diff(f_mean, mean)
-            diffs["fused.logvars"] = _max_diff(f_logvar, logvar)
-            diffs["fused.log_weights"] = _max_diff(f_lw, log_w)
-        z = mean[:, 0]
-        diffs["decoder.logits"] = _max_diff(run(manifest.decoder(), z.numpy())[0], model.decode(z))
-    worst = max(diffs, key=diffs.get)  # type: ignore[arg-type]
-    if not all(math.isfinite(v) and v <= PARITY_TOLERANCE for v in diffs.values()):
-        raise ExportError(
-            f"onnxruntime differs from PyTorch by {diffs[worst]:.3g} on {worst} "
-            f"(tolerance {PARITY_TOLERANCE}); all: {json.dumps(diffs)}"
-        )
-    return diffs
-
-
-def _posterior(folder: Path, manifest: Manifest, entries: list[FileEntry], xs: np.ndarray):
-    """(means, logvars, log_weights) of the mixture from the component graphs ``entries``."""
-    outs = [_run(folder, e, xs) for e in entries]
-    means = np.stack([o[0] for o in outs], 1)
-    logvars = np.stack([o[1] for o in outs], 1)
-    eps = np.stack([o[2] for o in outs], 1) if manifest.weights.epsilon == "amortized" else None
-    log_w = np.broadcast_to(
-        log_weights(manifest.weights, manifest.mixture_order, eps), means.shape[:2]
-    )
-    return means, logvars, log_w.astype(np.float32)
-
-
-def _loglik(
-    model: RecMixVAE, x: torch.Tensor, posterior, num_samples: int, seed: int
-) -> np.ndarray:
-    """Stratified importance-sampled log p(x) with a given mixture as the proposal."""
-    from types import SimpleNamespace
-
-    from training.distributions import GaussianMixture
-    from training.objectives import importance_sampled_loglik
-
-    mixture = GaussianMixture(*(torch.from_numpy(np.ascontiguousarray(a)) for a in posterior))
-    proposal = SimpleNamespace(encode=lambda _: mixture, decoder=model.decoder)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        ll, _ = importance_sampled_loglik(proposal, x, num_samples)  # type: ignore[arg-type]
-    return ll.numpy().astype(np.float64)
-
-
-def _gemm_to_matmul(model: Any) -> Any:
-    """Gemm with constant weights -> MatMul + Add (the weight-only quantizer takes MatMul only)."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    constants = {init.name: init for init in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        if node.op_type != "Gemm" or node.input[1] not in constants:
-            nodes.append(node)
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA"):
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(constants[node.input[1]])
-        if attrs.get("transB"):
-            weight = np.ascontiguousarray(weight.T)  # (in, out)
-        name = f"{node.input[1]}.in_out"
-        graph.initializer.append(numpy_helper.from_array(weight, name))
-        product = f"{node.output[0]}.matmul"
-        nodes.append(
-            helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul")
-        )
-        if len(node.input) > 2 and node.input[2]:
-            nodes.append(
-                helper.make_node(
-                    "Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"
-                )
-            )
-        else:
-            nodes.append(
-                helper.make_node("Identity", [product], [node.output[0]], name=f"{node.name}.out")
-            )
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    onnx.checker.check_model(model)
-    return model
-
-
-def _quantize(src: Path, dst: Path) -> None:
-    """Weight-only int8 copy of a float32 graph (see ``INT8_METHOD``)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
-    options = {"block_size": INT8_BLOCK, "is_symmetric": True, "accuracy_level": 4, "bits": 8}
-    quantizer = MatMulNBitsQuantizer(
-        _gemm_to_matmul(onnx.load(str(src))),
-        algo_config=DefaultWeightOnlyQuantConfig(**options),  # type: ignore[arg-type]
-        **options,  # type: ignore[arg-type]
-    )
-    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it logs every node it quantizes
-    try:
-        quantizer.process()
-    finally:
-        quiet.setLevel(level)
-    quantizer.model.save_model_to_file(str(dst), False)
-
-
-def quantize_encoders(
-    model: RecMixVAE, folder: Path, manifest: Manifest, x: torch.Tensor
-) -> Manifest | None:
-    """Write int8 copies of the encoder graphs and measure them; the manifest that lists them.
-
-    None (and no int8 file left behind) when they lose more than ``INT8_MAX_LOSS`` nats per image.
-    """
-    sources = manifest.components()
-    fused = manifest.fused()
-    if fused is not None:
-        sources.append(fused)
-    added = []
-    for entry in sources:
-        src = folder / entry.path
-        dst = src.with_name(f"{src.stem}.int8.onnx")
-        _quantize(src, dst)
-        added.append(
-            entry.model_copy(
-                update={
-                    "path": dst.name,
-                    "precision": "int8",
-                    "sha256": _sha256(dst),
-                    "size_bytes": dst.stat().st_size,
-                }
-            )
-        )
-    xs = x.numpy().astype(np.float32)
-    reference = _posterior(folder, manifest, manifest.components(), xs)
-    int8_entries = [e for e in added if e.role == "encoder_component"]
-    quantized = _posterior(folder, manifest, int8_entries, xs)
-    names = ["mean", "logvar", "log_weights"]
-    max_diff = {
-        n: float(np.abs(a - b).max()) for n, a, b in zip(names, quantized, reference, strict=True)
-    }
-    mean_diff = {
-        n: float(np.abs(a - b).mean()) for n, a, b in zip(names, quantized, reference, strict=True)
-    }
-    int8_fused = next((e for e in added if e.role == "fused_encoder"), None)
-    if int8_fused is not None:  # the fused int8 graph must agree with the int8 components
-        worst = max(
-            float(np.abs(a - b).max())
-            for a, b in zip(_run(folder, int8_fused, xs), quantized, strict=True)
-        )
-        if not worst <= PARITY_TOLERANCE:
-            raise ExportError(
-                f"the int8 fused graph differs from the int8 components by {worst:.3g} "
-                f"(tolerance {PARITY_TOLERANCE})"
-            )
-    num_samples = INT8_SAMPLES_PER_COMPONENT * manifest.mixture_order
-    shift = _loglik(model, x, quantized, num_samples, 0) - _loglik(
-        model, x, reference, num_samples, 0
-    )
-    record = Quantization(
-        method=INT8_METHOD,
-        num_images=len(xs),
-        max_abs_diff=max_diff,
-        mean_abs_diff=mean_diff,
-        num_samples=num_samples,
-        log_likelihood_shift=float(shift.mean()),
-        log_likelihood_shift_stderr=float(shift.std(ddof=1) / math.sqrt(len(shift)))
-        if len(shift) > 1
-        else 0.0,
-    )
-    log.info("int8 encoders: %s", record.model_dump_json())
-    if record.log_likelihood_shift < -INT8_MAX_LOSS:
-        log.warning(
-            "int8 encoders not shipped: they lose %.3f nats per image (limit %s)",
-            -record.log_likelihood_shift,
-            INT8_MAX_LOSS,
-        )
-        for entry in added:
-            (folder / entry.path).unlink()
-        return None
-    return manifest.model_copy(update={"files": [*manifest.files, *added], "quantization": record})
 
 
 def _parity_images(model: RecMixVAE, dataset: str, data_dir: str | None) -> torch.Tensor:
